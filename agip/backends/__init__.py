@@ -1,0 +1,85 @@
+"""Backends: interchangeable implementations of the three passes of one AGIP step.
+
+Like ``torch/optim/adamw.py``'s single-tensor / foreach / fused split, the optimizer
+class owns the state and each backend module provides the same three functions over an
+:class:`agip.flat.FlatState` (DESIGN.md, "The way data flows"):
+
+- ``grad_sumsq(flat) -> float``: pass A, G^2 = sum of (g * M)^2 over prunable entries plus
+  g^2 over the rest (SPEC 1.2); non-finite when any gradient entry is.
+- ``select(flat, plan) -> Selection``: on pruning steps, the exact regrowth threshold and
+  the exact global saliency threshold theta (SPEC 2.2, 2.3), from pre-update w and raw g.
+- ``update(flat, plan)``: clip, AdamW, TA, the new mask and ``w, m, v * M'`` (SPEC 1.3-1.6).
+
+Every backend is tested against ``reference``: masks and theta bit-identical; w, m, v
+within a few fp32 ulps.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import List
+
+import numpy as np
+import torch
+
+BACKENDS = ("reference",)
+
+
+@dataclass
+class GroupHyper:
+    lr: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    eps: float
+
+
+@dataclass
+class StepPlan:
+    """Everything one step needs beyond the buffers: host-side scalars, decided up front."""
+
+    step: int  # t, 1-based, after this step
+    clip: float  # c (SPEC 1.3)
+    ta_scale: float  # s (SPEC 1.5), already TA-clipped; 0 disables TA
+    groups: List[GroupHyper] = field(default_factory=list)
+    prune: bool = False  # a pruning step: compute M' (SPEC 2)
+    k: int = 0  # entries to prune: floor(R_t * N)
+    regrow_fraction: float = 0.0  # phi
+    # Saliency EMA S <- keep * S + new * |w g|, constants rounded to fp32 once here so
+    # that every backend multiplies by the very same numbers (bit-identical masks).
+    ema_keep: float = 0.0
+    ema_new: float = 1.0
+    theta: float = -1.0  # filled by select: M' = (S > theta); -1 keeps every entry
+    regrow_theta: float = math.inf  # filled by select: regrow pruned entries with |g| > it
+
+    @staticmethod
+    def ema_constants(rho: float):
+        return float(np.float32(rho)), float(np.float32(1.0 - rho))
+
+
+@dataclass
+class Selection:
+    theta: float
+    regrow_theta: float
+    n_regrown: int
+
+
+def available() -> List[str]:
+    return list(BACKENDS)
+
+
+def resolve(name: str, device: torch.device):
+    """The backend module for ``name`` on ``device`` (``"auto"`` picks the fastest that works)."""
+    if name == "auto":
+        return importlib.import_module("agip.backends.reference")
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")
+    return importlib.import_module(f"agip.backends.{name}")
+
+
+def regrow_counts(n_pruned: int, regrow_fraction: float):
+    """SPEC 2.2: n_g = floor(phi * #pruned) regrow; the other #pruned - n_g stay pruned."""
+    n_g = int(math.floor(regrow_fraction * n_pruned))
+    return n_g, n_pruned - n_g

@@ -1,0 +1,115 @@
+"""Reference backend: plain PyTorch, written to be obviously right (SPEC sections 1-2).
+
+Every other backend is tested against this one. Math is in fp32 (fp64 for G^2); the
+AdamW lines mirror ``torch.optim.AdamW``'s single-tensor code line by line, so that with
+no pruning and no TA the step equals it to fp32 rounding.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import Selection, StepPlan, regrow_counts
+
+
+def kth_smallest(values: torch.Tensor, k: int) -> float:
+    """The exact k-th smallest value (1-based) of ``values`` (SPEC 2.3).
+
+    ``torch.kthvalue`` is a selection: it returns one of the input elements and does no
+    arithmetic on them, so the result is exact (ties, zeros and +inf included).
+    """
+    if not 1 <= k <= values.numel():
+        raise ValueError(f"k must be in [1, {values.numel()}], got {k}")
+    return float(torch.kthvalue(values, k).values)
+
+
+def grad_sumsq(flat) -> float:
+    """Pass A: G^2 = sum (g*M)^2 + sum g^2 (SPEC 1.2), accumulated in fp64."""
+    total = 0.0
+    for b in flat.buckets:
+        P = b.n_prunable
+        gp = b.g[:P].float() * b.mask
+        total += float(torch.sum(gp * gp, dtype=torch.float64))
+        rest = b.g[P:].float()
+        total += float(torch.sum(rest * rest, dtype=torch.float64))
+    return total
+
+
+def saliency(b, plan: StepPlan) -> torch.Tensor:
+    """S = |w * g| in fp32 from pre-update w and raw g (eq. 4.4), or its EMA (SPEC 2.1).
+
+    Pruned entries have w = 0 and a zero EMA, so their S is 0. The EMA is two separately
+    rounded products and a sum (no fused multiply-add), which every backend reproduces.
+    """
+    P = b.n_prunable
+    s = (b.w[:P].float() * b.g[:P].float()).abs()
+    if b.ema is not None:
+        s = b.ema * plan.ema_keep + s * plan.ema_new
+    return s
+
+
+def regrown(b, plan: StepPlan) -> torch.Tensor:
+    """Pruned entries whose raw |g| exceeds the regrowth threshold (SPEC 2.2)."""
+    return ~b.mask & (b.g[: b.n_prunable].float().abs() > plan.regrow_theta)
+
+
+def select(flat, plan: StepPlan) -> Selection:
+    """Exact regrowth threshold, then the exact global saliency threshold (SPEC 2.2, 2.3)."""
+    regrow_theta = math.inf
+    if plan.regrow_fraction > 0:
+        pruned_absg = torch.cat([b.g[: b.n_prunable].float().abs()[~b.mask] for b in flat.buckets])
+        n_g, n_keep = regrow_counts(pruned_absg.numel(), plan.regrow_fraction)
+        if n_g > 0:
+            # the n_keep smallest |g| stay pruned (ties at the threshold stay pruned)
+            regrow_theta = -1.0 if n_keep == 0 else kth_smallest(pruned_absg, n_keep)
+    plan.regrow_theta = regrow_theta
+    scores, n_regrown = [], 0
+    for b in flat.buckets:
+        r = regrown(b, plan)
+        n_regrown += int(r.sum())
+        scores.append(torch.where(r, math.inf, saliency(b, plan)))
+    theta = kth_smallest(torch.cat(scores), plan.k) if plan.k > 0 else -1.0
+    return Selection(theta=theta, regrow_theta=regrow_theta, n_regrown=n_regrown)
+
+
+def update(flat, plan: StepPlan) -> None:
+    """Pass C: clip, AdamW, TA, new mask, ``w, m, v * M'`` (SPEC 1.3-1.6, eq. 4.9-4.15)."""
+    t = plan.step
+    for b in flat.buckets:
+        P = b.n_prunable
+        new_mask = None
+        if P and (plan.prune or b.ema is not None):
+            s = saliency(b, plan)  # before w changes
+            if plan.prune:
+                new_mask = torch.where(regrown(b, plan), math.inf, s) > plan.theta
+            else:
+                new_mask = b.mask.clone()
+        for gi, start, end in b.ranges:
+            h = plan.groups[gi]
+            w, m, v = b.w[start:end], b.m[start:end], b.v[start:end]
+            grad = b.g[start:end].float()
+            if end <= P:  # a prunable group: the gradient of the active network
+                grad = grad * b.mask[start:end]
+            grad = grad * plan.clip
+            wf, mf, vf = w.float(), m.float(), v.float()
+            # torch.optim.AdamW, single-tensor, line by line
+            wf.mul_(1 - h.lr * h.weight_decay)
+            mf.lerp_(grad, 1 - h.beta1)
+            vf.mul_(h.beta2).addcmul_(grad, grad, value=1 - h.beta2)
+            step_size = h.lr / (1 - h.beta1**t)
+            denom = (vf.sqrt() / math.sqrt(1 - h.beta2**t)).add_(h.eps)
+            wf.addcdiv_(mf, denom, value=-step_size)
+            # terminal attractor: w -= lr * s * g_hat (SPEC 1.5)
+            if plan.ta_scale != 0:
+                wf.add_(grad, alpha=-h.lr * plan.ta_scale)
+            if wf.data_ptr() != w.data_ptr():  # low-precision params: write back
+                w.copy_(wf), m.copy_(mf), v.copy_(vf)
+        if new_mask is not None:
+            drop = ~new_mask
+            b.w[:P].masked_fill_(drop, 0)
+            b.m[:P].masked_fill_(drop, 0)
+            b.v[:P].masked_fill_(drop, 0)
+            b.mask.copy_(new_mask)
+            if b.ema is not None:
+                b.ema.copy_(s.masked_fill_(drop, 0))

@@ -1,0 +1,167 @@
+"""Flat parameter buffers (DESIGN.md, "Flat buffers").
+
+Each dtype's parameters are packed into one contiguous bucket holding the weights, the
+gradients and the Adam moments, with the prunable weights first (one segment
+``[0, n_prunable)``, which also has a bool mask and, with a saliency EMA, an fp32 buffer).
+Parameters and their ``.grad`` become views into the bucket, so every backend op is a
+1-D pass over contiguous memory; each param group's range is contiguous too, so a group
+is one launch with its own lr and weight decay.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+
+@dataclass
+class Slot:
+    """One parameter's place in a bucket."""
+
+    param: torch.Tensor
+    name: str
+    group: int
+    start: int
+    numel: int
+
+
+@dataclass
+class Bucket:
+    dtype: torch.dtype
+    w: torch.Tensor
+    g: torch.Tensor
+    m: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor  # bool, length n_prunable (1 = active)
+    ema: Optional[torch.Tensor]  # fp32 saliency EMA over the prunable segment, or None
+    n_prunable: int
+    slots: List[Slot] = field(default_factory=list)
+    # (group index, start, end): each group's contiguous range in this bucket
+    ranges: List[tuple] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return self.w.numel()
+
+
+class FlatState:
+    """Packs ``param_groups`` into buckets and keeps params and grads bound to them."""
+
+    def __init__(self, param_groups: list, saliency_ema: bool):
+        devices = {p.device for g in param_groups for p in g["params"]}
+        if len(devices) > 1:
+            raise ValueError(
+                f"all parameters must be on one device, found {sorted(map(str, devices))}; "
+                "move the model to one device before creating the optimizer"
+            )
+        self.device = devices.pop() if devices else torch.device("cpu")
+        self.rebound_grads = 0
+        self.buckets: List[Bucket] = []
+        dtypes = []
+        for g in param_groups:
+            for p in g["params"]:
+                if p.dtype not in dtypes:
+                    dtypes.append(p.dtype)
+        for dtype in dtypes:
+            # prunable groups first, so the prunable weights form one leading segment
+            order = sorted(range(len(param_groups)), key=lambda i: (not param_groups[i]["prune"], i))
+            slots, ranges, n, n_prunable = [], [], 0, 0
+            for gi in order:
+                group = param_groups[gi]
+                names = group.get("param_names") or [None] * len(group["params"])
+                start = n
+                for pi, (p, name) in enumerate(zip(group["params"], names)):
+                    if p.dtype != dtype:
+                        continue
+                    slots.append(Slot(p, name or f"group{gi}.param{pi}", gi, n, p.numel()))
+                    n += p.numel()
+                if n > start:
+                    ranges.append((gi, start, n))
+                if group["prune"]:
+                    n_prunable = n
+            kw = dict(dtype=dtype, device=self.device)
+            bucket = Bucket(
+                dtype=dtype,
+                w=torch.empty(n, **kw),
+                g=torch.zeros(n, **kw),
+                m=torch.zeros(n, **kw),
+                v=torch.zeros(n, **kw),
+                mask=torch.ones(n_prunable, dtype=torch.bool, device=self.device),
+                ema=torch.zeros(n_prunable, dtype=torch.float32, device=self.device) if saliency_ema else None,
+                n_prunable=n_prunable,
+                slots=slots,
+                ranges=ranges,
+            )
+            for s in slots:
+                p = s.param
+                bucket.w[s.start : s.start + s.numel].copy_(p.detach().reshape(-1))
+                if p.grad is not None:
+                    bucket.g[s.start : s.start + s.numel].copy_(p.grad.reshape(-1))
+                p.data = bucket.w[s.start : s.start + s.numel].view_as(p)
+                p.grad = bucket.g[s.start : s.start + s.numel].view_as(p)
+            self.buckets.append(bucket)
+
+    # --- binding --------------------------------------------------------------------
+    def rebind_grads(self) -> None:
+        """Make every ``p.grad`` a view of its bucket again (DESIGN: a replaced grad is
+        copied back and re-bound, and counted). A missing grad counts as zero.
+
+        Checks everything before copying anything, so a bad grad changes no state.
+        """
+        todo = []
+        for b in self.buckets:
+            for s in b.slots:
+                p = s.param
+                if p.data_ptr() != b.w.data_ptr() + s.start * b.w.element_size():
+                    raise RuntimeError(
+                        f"parameter {s.name!r} no longer lives in the optimizer's flat buffer "
+                        "(was the model moved, cast or re-assigned after the optimizer was created?); "
+                        "create the optimizer after model.to(...)"
+                    )
+                grad = p.grad
+                if grad is None:
+                    todo.append((b, s, None))
+                    continue
+                if grad.is_sparse or grad.layout != torch.strided:
+                    raise RuntimeError(
+                        f"parameter {s.name!r} has a sparse gradient; AGIP needs dense gradients "
+                        "(use nn.Embedding(sparse=False))"
+                    )
+                if grad.shape != p.shape:
+                    raise RuntimeError(f"gradient of {s.name!r} has shape {tuple(grad.shape)}, parameter {tuple(p.shape)}")
+                if grad.data_ptr() != b.g.data_ptr() + s.start * b.g.element_size() or not grad.is_contiguous():
+                    todo.append((b, s, grad))
+        for b, s, grad in todo:
+            view = b.g[s.start : s.start + s.numel]
+            if grad is None:
+                view.zero_()
+            else:
+                view.copy_(grad.reshape(-1))
+                self.rebound_grads += 1
+            s.param.grad = view.view_as(s.param)
+
+    def zero_grad(self) -> None:
+        """Zero every gradient in place and bind every ``p.grad`` to its bucket view."""
+        for b in self.buckets:
+            b.g.zero_()
+            for s in b.slots:
+                s.param.grad = b.g[s.start : s.start + s.numel].view_as(s.param)
+
+    # --- bookkeeping ----------------------------------------------------------------
+    @property
+    def n_prunable(self) -> int:
+        return sum(b.n_prunable for b in self.buckets)
+
+    @property
+    def numel(self) -> int:
+        return sum(b.numel for b in self.buckets)
+
+    def prunable_slots(self):
+        for b in self.buckets:
+            for s in b.slots:
+                if s.start < b.n_prunable:
+                    yield b, s
+
+    def n_pruned(self) -> int:
+        return sum(int(b.n_prunable - b.mask.sum().item()) for b in self.buckets)

