@@ -57,6 +57,7 @@ class FlatState:
             )
         self.device = devices.pop() if devices else torch.device("cpu")
         self.rebound_grads = 0
+        self.scratch: dict = {}  # backend-owned work buffers (e.g. histograms), keyed by backend
         self.buckets: List[Bucket] = []
         dtypes = []
         for g in param_groups:

@@ -208,12 +208,22 @@ class AGIP(torch.optim.Optimizer):
         cfg = self.config
         flat = self._flat
         flat.rebind_grads()
-        G2 = self.backend.grad_sumsq(flat)
+        t = self._step + 1
+        ratio, alpha = self.schedule.propose(t, E if E is not None and math.isfinite(E) else None)
+        keep, new = StepPlan.ema_constants(cfg["saliency_ema"])
+        plan = StepPlan(
+            step=t, clip=1.0, ta_scale=0.0,
+            groups=[GroupHyper(g["lr"], g["weight_decay"], g["betas"][0], g["betas"][1], g["eps"]) for g in self.param_groups],
+            prune=self.schedule.is_pruning_step(t),
+            k=int(math.floor(ratio * flat.n_prunable)),
+            regrow_fraction=cfg["regrow_fraction"], ema_keep=keep, ema_new=new,
+        )
+        G2 = self.backend.grad_sumsq(flat, plan)
         if (E is not None and not math.isfinite(E)) or not math.isfinite(G2):
             self.skipped_steps += 1
             if not self._warned_skip:
                 warnings.warn(
-                    f"AGIP skipped step {self._step + 1}: non-finite {'loss' if E is not None and not math.isfinite(E) else 'gradient'} "
+                    f"AGIP skipped step {t}: non-finite {'loss' if E is not None and not math.isfinite(E) else 'gradient'} "
                     "(nothing was updated; skipped_steps counts these; this warning is shown once)",
                     RuntimeWarning, stacklevel=2,
                 )
@@ -224,21 +234,12 @@ class AGIP(torch.optim.Optimizer):
                 f"loss is {E} < 0, but the terminal-attractor term needs a loss >= 0 (E^beta is undefined); "
                 "pass ta_gamma=0 for losses that can be negative"
             )
-        t = self._step + 1
-        ratio, alpha = self.schedule.propose(t, E)
         mgn = cfg["max_grad_norm"]
-        clip = 1.0 if mgn is None else min(1.0, mgn / (math.sqrt(G2) + 1e-6))
-        ghat_sq = clip * clip * G2
-        s = 0.0 if E is None else ta_scale(E, ghat_sq, cfg["ta_gamma"], cfg["ta_beta"], cfg["ta_k"],
-                                           cfg["ta_clip"], cfg["ta_eps"], cfg["ta_loss_floor"])
-        keep, new = StepPlan.ema_constants(cfg["saliency_ema"])
-        plan = StepPlan(
-            step=t, clip=clip, ta_scale=s,
-            groups=[GroupHyper(g["lr"], g["weight_decay"], g["betas"][0], g["betas"][1], g["eps"]) for g in self.param_groups],
-            prune=self.schedule.is_pruning_step(t),
-            k=int(math.floor(ratio * flat.n_prunable)),
-            regrow_fraction=cfg["regrow_fraction"], ema_keep=keep, ema_new=new,
-        )
+        plan.clip = 1.0 if mgn is None else min(1.0, mgn / (math.sqrt(G2) + 1e-6))
+        ghat_sq = plan.clip * plan.clip * G2
+        if E is not None:
+            plan.ta_scale = ta_scale(E, ghat_sq, cfg["ta_gamma"], cfg["ta_beta"], cfg["ta_k"],
+                                     cfg["ta_clip"], cfg["ta_eps"], cfg["ta_loss_floor"])
         regrown = 0
         if plan.prune:
             sel = self.backend.select(flat, plan)
@@ -247,7 +248,7 @@ class AGIP(torch.optim.Optimizer):
         # commit host-side state only after the buffers are updated
         self._step = t
         self.schedule.commit(ratio, E)
-        self._last.update(alpha=alpha, clip=clip, ta_scale=s, grad_norm=math.sqrt(G2))
+        self._last.update(alpha=alpha, clip=plan.clip, ta_scale=plan.ta_scale, grad_norm=math.sqrt(G2))
         if plan.prune:
             self._last.update(theta=plan.theta, regrown=regrown)
         return loss

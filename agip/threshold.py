@@ -29,22 +29,28 @@ def radix_select(k: int, histogram: Callable[[int, int, int], torch.Tensor], dig
     ``2**digit_bits``) of the values whose top ``prefix_bits`` bits equal ``prefix``,
     binned by their next ``digit_bits`` bits. ``digits`` must add up to 32.
     """
+    return radix_select_count(k, histogram, digits)[0]
+
+
+def radix_select_count(k: int, histogram: Callable[[int, int, int], torch.Tensor], digits: Sequence[int] = DIGITS):
+    """:func:`radix_select`, also returning how many values are <= the result."""
     if sum(digits) != 32:
         raise ValueError(f"digits must add up to 32 bits, got {tuple(digits)}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    prefix, done = 0, 0
+    prefix, done, below = 0, 0, 0
     for nb in digits:
         counts = histogram(prefix, done, nb).to(torch.int64).cpu()
         cum = torch.cumsum(counts, 0)
         if int(cum[-1]) < k:
-            raise ValueError(f"k={k} but only {int(cum[-1]) + 0} values lie in the selected range")
+            raise ValueError(f"k={k} but only {int(cum[-1])} values lie in the selected range")
         d = int(torch.searchsorted(cum, torch.tensor([k]), side="left")[0])  # first bin with cum >= k
         if d > 0:
             k -= int(cum[d - 1])
+            below += int(cum[d - 1])
         prefix = (prefix << nb) | d
         done += nb
-    return bits_to_float(prefix)
+    return bits_to_float(prefix), below + int(counts[d])
 
 
 def torch_histogram(values: torch.Tensor) -> Callable[[int, int, int], torch.Tensor]:

@@ -7,6 +7,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
+# Without a GPU the Triton kernels run in triton's interpreter, which must be chosen
+# before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):

@@ -4,8 +4,9 @@ Like ``torch/optim/adamw.py``'s single-tensor / foreach / fused split, the optim
 class owns the state and each backend module provides the same three functions over an
 :class:`agip.flat.FlatState` (DESIGN.md, "The way data flows"):
 
-- ``grad_sumsq(flat) -> float``: pass A, G^2 = sum of (g * M)^2 over prunable entries plus
-  g^2 over the rest (SPEC 1.2); non-finite when any gradient entry is.
+- ``grad_sumsq(flat, plan) -> float``: pass A, G^2 = sum of (g * M)^2 over prunable entries
+  plus g^2 over the rest (SPEC 1.2); non-finite when any gradient entry is. On pruning
+  steps a fused backend also gathers what ``select`` needs in the same read.
 - ``select(flat, plan) -> Selection``: on pruning steps, the exact regrowth threshold and
   the exact global saliency threshold theta (SPEC 2.2, 2.3), from pre-update w and raw g.
 - ``update(flat, plan)``: clip, AdamW, TA, the new mask and ``w, m, v * M'`` (SPEC 1.3-1.6).
@@ -24,7 +25,7 @@ from typing import List
 import numpy as np
 import torch
 
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "triton")
 
 
 @dataclass
@@ -71,12 +72,24 @@ def available() -> List[str]:
 
 
 def resolve(name: str, device: torch.device):
-    """The backend module for ``name`` on ``device`` (``"auto"`` picks the fastest that works)."""
-    if name == "auto":
-        return importlib.import_module("agip.backends.reference")
-    if name not in BACKENDS:
+    """The backend module for ``name`` on ``device``.
+
+    ``"auto"``: ``triton`` for CUDA tensors when triton imports, else ``reference`` (with
+    one warning saying why, when a faster backend was expected).
+    """
+    if name not in BACKENDS + ("auto",):
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")
-    return importlib.import_module(f"agip.backends.{name}")
+    if name == "auto":
+        if device.type == "cuda":
+            try:
+                return resolve("triton", device)
+            except ImportError as e:
+                warnings.warn(f"AGIP falls back to the reference backend: {e}", stacklevel=3)
+        return importlib.import_module("agip.backends.reference")
+    module = importlib.import_module(f"agip.backends.{name}")
+    if hasattr(module, "check_device"):
+        module.check_device(device)
+    return module
 
 
 def regrow_counts(n_pruned: int, regrow_fraction: float):

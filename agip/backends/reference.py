@@ -24,7 +24,7 @@ def kth_smallest(values: torch.Tensor, k: int) -> float:
     return float(torch.kthvalue(values, k).values)
 
 
-def grad_sumsq(flat) -> float:
+def grad_sumsq(flat, plan: StepPlan) -> float:
     """Pass A: G^2 = sum (g*M)^2 + sum g^2 (SPEC 1.2), accumulated in fp64."""
     total = 0.0
     for b in flat.buckets:

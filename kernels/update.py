@@ -1,0 +1,73 @@
+"""Pass C of the AGIP step: clip, AdamW, terminal attractor, new mask, saliency EMA and
+``w, m, v * M'`` in one read and one write of each buffer (SPEC 1.3-1.6, 2).
+
+Bytes per parameter (fp32): reads w, g, m, v (16 B) and writes w, m, v (12 B): 28 B for
+non-prunable entries; prunable entries also read the mask (1 B), and on pruning steps
+write it (1 B); a saliency EMA adds 4 B read + 4 B write. So a non-pruning step (with
+pass A's 5 B) moves <= 34 B, a pruning step (with passes A and B, 18 B) <= 48 B.
+"""
+import triton
+import triton.language as tl
+
+from . import BLOCK
+
+
+@triton.jit
+def _update_kernel(w_ptr, g_ptr, m_ptr, v_ptr, mask_ptr, ema_ptr, start, end,
+                   decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
+                   clip, neg_lr_s, theta, regrow_theta, ema_keep, ema_new,
+                   PRUNABLE: tl.constexpr, PRUNE_STEP: tl.constexpr, HAS_EMA: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = start + pid * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < end
+    w = tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    if PRUNABLE:
+        act = tl.load(mask_ptr + offs, mask=inb, other=0) != 0
+        ghat = g * act.to(tl.float32) * clip  # the gradient of the active network, clipped
+        s = tl.abs(w * g)  # saliency from pre-update w and raw g
+        if HAS_EMA:
+            s = tl.load(ema_ptr + offs, mask=inb, other=0.0) * ema_keep + s * ema_new
+    else:
+        ghat = g * clip
+    # AdamW as torch computes it: decay, lerp, addcmul, bias-corrected addcdiv
+    w = w * decay
+    m = tl.where(lerp_weight < 0.5, m + lerp_weight * (ghat - m), ghat - (ghat - m) * (1.0 - lerp_weight))
+    v = v * beta2 + one_minus_beta2 * ghat * ghat
+    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    w = w + step_size * tl.div_rn(m, denom)
+    # terminal attractor: w -= lr * s * ghat (neg_lr_s = -lr * s)
+    w = w + neg_lr_s * ghat
+    if PRUNABLE:
+        if PRUNE_STEP:
+            grown = (~act) & (tl.abs(g) > regrow_theta)
+            keep = tl.where(grown, float("inf"), s) > theta
+            tl.store(mask_ptr + offs, keep, mask=inb)
+        else:
+            keep = act
+        w = tl.where(keep, w, 0.0)
+        m = tl.where(keep, m, 0.0)
+        v = tl.where(keep, v, 0.0)
+        if HAS_EMA:
+            tl.store(ema_ptr + offs, tl.where(keep, s, 0.0), mask=inb)
+    tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=inb)
+    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=inb)
+    tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=inb)
+
+
+def update(w, g, m, v, mask, ema, start, end, *, decay, lerp_weight, beta2, step_size, bc2_sqrt, eps,
+           clip, neg_lr_s, theta, regrow_theta, ema_keep, ema_new, prunable, prune_step, block=BLOCK):
+    """Launch pass C over ``[start, end)`` of one bucket (one param group's range)."""
+    nblocks = triton.cdiv(end - start, block)
+    if nblocks == 0:
+        return
+    _update_kernel[(nblocks,)](
+        w, g, m, v, mask, ema if ema is not None else w, start, end,
+        decay, lerp_weight, beta2, 1.0 - beta2, step_size, bc2_sqrt, eps,
+        clip, neg_lr_s, theta, regrow_theta, ema_keep, ema_new,
+        PRUNABLE=prunable, PRUNE_STEP=prune_step, HAS_EMA=prunable and ema is not None,
+        BLOCK=block, enable_fp_fusion=False,  # saliency and mask must match the reference bit for bit
+    )
