@@ -1,0 +1,159 @@
+"""Step micro-benchmark: one AGIP step against torch's fused AdamW + clip_grad_norm_.
+
+For each size and each backend that runs on the device, times a non-pruning step and a
+pruning step (prune_interval=1, exact threshold every step), interleaved with the
+baseline in one run; reports medians, effective GB/s by the byte model of
+``agip/kernels`` (non-pruning 34 B/param, pruning 48 B/param, fp32) and the ratio to
+``torch.optim.AdamW(fused=True)`` + ``clip_grad_norm_``. Buffers are shaped like
+SmolLM2-135M (per layer q, o 576x576; k, v 576x192; gate, up 576x1536; down 1536x576;
+a tied 49152x576 embedding; norms), with the layer count and embedding scaled to size.
+
+    python benchmarks/bench_step.py                       # CPU: 1M and 10M parameters
+    python benchmarks/bench_step.py --sizes 10 50 135     # sizes in millions (GPU default)
+    python benchmarks/bench_step.py --backends reference --reps 5 --out results.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+import agip
+from agip import backends
+
+BYTES = {"step": 34, "prune-step": 48}  # per parameter, fp32 (agip/kernels docstrings)
+HIDDEN, INTER, KV, VOCAB, LAYERS = 576, 1536, 192, 49152, 30
+LAYER_SHAPES = [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN),
+                (INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER)]
+PER_LAYER = sum(a * b for a, b in LAYER_SHAPES)
+
+
+def shapes_for(millions: float):
+    """(prunable shapes, other shapes) with ~``millions`` M parameters, SmolLM2's proportions."""
+    total = int(millions * 1e6)
+    full = LAYERS * PER_LAYER + VOCAB * HIDDEN + (2 * LAYERS + 1) * HIDDEN
+    layers = max(1, round(LAYERS * total / full))
+    prunable = [s for _ in range(layers) for s in LAYER_SHAPES]
+    if layers * PER_LAYER > total:  # small sizes: shrink the layer widths instead
+        f = (total * 0.79 / (layers * PER_LAYER)) ** 0.5
+        prunable = [(max(1, int(a * f)), max(1, int(b * f))) for a, b in prunable]
+    rest = max(HIDDEN, total - sum(a * b for a, b in prunable))
+    vocab = max(1, (rest - (2 * layers + 1) * HIDDEN) // HIDDEN)
+    other = [(vocab, HIDDEN)] + [(HIDDEN,)] * (2 * layers + 1)
+    return prunable, other
+
+
+def make_params(shapes, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in shapes:
+        p = torch.nn.Parameter((torch.randn(shape, generator=g) * 0.02).to(device))
+        p.grad = (torch.randn(shape, generator=g) * 1e-3).to(device)
+        params.append(p)
+    return params
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--sizes", type=float, nargs="+", help="parameter counts in millions")
+    ap.add_argument("--backends", nargs="+", help="default: every backend that runs on the device")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_step-<device>.json)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda, but torch sees no CUDA device; use --device cpu")
+    sizes = args.sizes or ([10, 50, 135] if device.type == "cuda" else [1, 10])
+    names = args.backends or [b for b in backends.available() if _runs(b, device)]
+    if args.reps < 1 or args.warmup < 0:
+        sys.exit("--reps must be >= 1 and --warmup >= 0")
+
+    rows = []
+    for size in sizes:
+        prunable_shapes, other_shapes = shapes_for(size)
+        configs = {}
+        # baseline: torch's fused AdamW + clip_grad_norm_
+        base_params = make_params(prunable_shapes + other_shapes, device, 0)
+        base_opt = torch.optim.AdamW(base_params, lr=5e-5, weight_decay=0.01, fused=True)
+
+        def base_step(params=base_params, opt=base_opt):
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+
+        configs[("torch-fused-adamw+clip", "step")] = base_step
+        n_params = sum(p.numel() for p in base_params)
+        n_prunable = sum(p.numel() for p in base_params[: len(prunable_shapes)])
+        for name in names:
+            for kind, interval in (("step", 10**9), ("prune-step", 1)):
+                params = make_params(prunable_shapes + other_shapes, device, 0)
+                groups = [{"params": params[: len(prunable_shapes)], "prune": True},
+                          {"params": params[len(prunable_shapes):], "weight_decay": 0.0}]
+                opt = agip.AGIP(groups, target_sparsity=0.5, schedule="oneshot", warmup_steps=0,
+                                prune_interval=interval, backend=name)
+                configs[(name, kind)] = (lambda o=opt: o.step(loss=2.5))
+        times = {key: [] for key in configs}
+        for _ in range(args.warmup):
+            for fn in configs.values():
+                fn()
+        for _ in range(args.reps):  # interleaved: every config sees the same machine state
+            for key, fn in configs.items():
+                sync(device)
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                times[key].append(time.perf_counter() - t0)
+        base = statistics.median(times[("torch-fused-adamw+clip", "step")])
+        for (name, kind), ts in times.items():
+            med = statistics.median(ts)
+            row = dict(size_m=round(n_params / 1e6, 2), prunable_m=round(n_prunable / 1e6, 2), backend=name,
+                       step=kind, median_ms=med * 1e3, ratio_to_fused_adamw=med / base)
+            if name != "torch-fused-adamw+clip":
+                row["gbps_by_model"] = BYTES[kind] * n_params / med / 1e9
+            rows.append(row)
+        del configs, times, base_params, base_opt
+
+    print(f"device: {device_name(device)}   torch {torch.__version__}   reps {args.reps} (medians)")
+    header = f"{'params':>8} {'backend':<24} {'step':<11} {'median ms':>10} {'GB/s (model)':>13} {'x fused AdamW':>14}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        gb = f"{r['gbps_by_model']:.1f}" if "gbps_by_model" in r else "-"
+        print(f"{r['size_m']:>7}M {r['backend']:<24} {r['step']:<11} {r['median_ms']:>10.2f} {gb:>13} {r['ratio_to_fused_adamw']:>14.2f}")
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"bench_step-{device.type}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"device": device_name(device), "torch": torch.__version__, "reps": args.reps,
+                   "bytes_per_param": BYTES, "rows": rows}, f, indent=2)
+    print(f"wrote {out}")
+    return rows
+
+
+def _runs(name, device):
+    try:
+        backends.resolve(name, device)
+        return True
+    except (ImportError, ValueError):
+        return False
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""The benchmark scripts run end to end on tiny sizes and write their JSON."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_step_writes_table_and_json(tmp_path):
+    out = tmp_path / "step.json"
+    res = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_step.py"), "--device", "cpu",
+         "--sizes", "0.2", "--reps", "2", "--warmup", "1", "--backends", "reference", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "x fused AdamW" in res.stdout
+    data = json.loads(out.read_text())
+    kinds = {(r["backend"], r["step"]) for r in data["rows"]}
+    assert kinds == {("torch-fused-adamw+clip", "step"), ("reference", "step"), ("reference", "prune-step")}
+    assert all(r["median_ms"] > 0 for r in data["rows"])
+    assert data["device"]
