@@ -1,7 +1,8 @@
 """AGIP: prune LLMs while fine-tuning them (see README.md).
 
-Pure-Python install. The top-level folder ``kernels/`` (Triton kernels) is
-installed as the subpackage ``agip.kernels``: a package named ``kernels``
+Pure-Python install. The top-level folders ``kernels/`` (Triton kernels) and
+``csrc/`` (C++/CUDA sources, compiled on first use) are installed as the subpackages
+``agip.kernels`` and ``agip.csrc``: a package named ``kernels``
 exists on PyPI, so it must never be importable as a top-level module.
 """
 from setuptools import setup
@@ -15,8 +16,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=["agip", "agip.backends", "agip.kernels"],
-    package_dir={"agip": "agip", "agip.kernels": "kernels"},
+    packages=["agip", "agip.backends", "agip.kernels", "agip.csrc"],
+    package_dir={"agip": "agip", "agip.kernels": "kernels", "agip.csrc": "csrc"},
+    # C++/CUDA sources ship as data and are compiled on first use (agip/backends/cpp.py)
+    package_data={"agip.csrc": ["*.cpp", "*.cu", "*.h"]},
     # torch>=2.1 without an upper pin: an environment that already has a CPU build
     # keeps it (pip never swaps it for a multi-GB CUDA build to satisfy this line).
     install_requires=["torch>=2.1", "numpy"],

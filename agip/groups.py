@@ -9,9 +9,8 @@ no weight decay.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
-import torch
 from torch import nn
 
 Patterns = Optional[Union[str, Sequence[str]]]

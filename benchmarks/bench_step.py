@@ -64,6 +64,20 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def time_interleaved(fns: dict, reps: int, device) -> dict:
+    """Median seconds of each function, timed in turn ``reps`` times (interleaved, so
+    every one sees the same machine state)."""
+    times = {key: [] for key in fns}
+    for _ in range(reps):
+        for key, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[key].append(time.perf_counter() - t0)
+    return {key: statistics.median(ts) for key, ts in times.items()}
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -83,7 +97,7 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda, but torch sees no CUDA device; use --device cpu")
     sizes = args.sizes or ([10, 50, 135] if device.type == "cuda" else [1, 10])
-    names = args.backends or [b for b in backends.available() if _runs(b, device)]
+    names = args.backends or [b for b in backends.available() if runs_on(b, device)]
     if args.reps < 1 or args.warmup < 0:
         sys.exit("--reps must be >= 1 and --warmup >= 0")
 
@@ -110,26 +124,18 @@ def main(argv=None):
                 opt = agip.AGIP(groups, target_sparsity=0.5, schedule="oneshot", warmup_steps=0,
                                 prune_interval=interval, backend=name)
                 configs[(name, kind)] = (lambda o=opt: o.step(loss=2.5))
-        times = {key: [] for key in configs}
         for _ in range(args.warmup):
             for fn in configs.values():
                 fn()
-        for _ in range(args.reps):  # interleaved: every config sees the same machine state
-            for key, fn in configs.items():
-                sync(device)
-                t0 = time.perf_counter()
-                fn()
-                sync(device)
-                times[key].append(time.perf_counter() - t0)
-        base = statistics.median(times[("torch-fused-adamw+clip", "step")])
-        for (name, kind), ts in times.items():
-            med = statistics.median(ts)
+        medians = time_interleaved(configs, args.reps, device)
+        base = medians[("torch-fused-adamw+clip", "step")]
+        for (name, kind), med in medians.items():
             row = dict(size_m=round(n_params / 1e6, 2), prunable_m=round(n_prunable / 1e6, 2), backend=name,
                        step=kind, median_ms=med * 1e3, ratio_to_fused_adamw=med / base)
             if name != "torch-fused-adamw+clip":
                 row["gbps_by_model"] = BYTES[kind] * n_params / med / 1e9
             rows.append(row)
-        del configs, times, base_params, base_opt
+        del configs, base_params, base_opt
 
     print(f"device: {device_name(device)}   torch {torch.__version__}   reps {args.reps} (medians)")
     header = f"{'params':>8} {'backend':<24} {'step':<11} {'median ms':>10} {'GB/s (model)':>13} {'x fused AdamW':>14}"
@@ -147,7 +153,7 @@ def main(argv=None):
     return rows
 
 
-def _runs(name, device):
+def runs_on(name, device):
     try:
         backends.resolve(name, device)
         return True

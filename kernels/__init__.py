@@ -8,5 +8,4 @@
 Importing this package imports triton; ``import agip`` does not import it. On the CPU the
 kernels run under ``TRITON_INTERPRET=1`` (set before triton is imported).
 """
-BLOCK = 1024
-HIST_BINS = 1 << 16  # one 16-bit radix digit (agip.threshold.DIGITS)
+BLOCK = 1024  # elements per program

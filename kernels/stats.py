@@ -14,7 +14,7 @@ from . import BLOCK
 
 @triton.jit
 def _stats_kernel(g_ptr, w_ptr, mask_ptr, ema_ptr, partial_ptr, sal_hist_ptr, grow_hist_ptr,
-                  n, n_prunable, ema_keep, ema_new,
+                  n, n_prunable, ema_keep, ema_new, sal_lo, sal_hi,
                   SALIENCY: tl.constexpr, REGROW: tl.constexpr, HAS_EMA: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -34,19 +34,23 @@ def _stats_kernel(g_ptr, w_ptr, mask_ptr, ema_ptr, partial_ptr, sal_hist_ptr, gr
         if HAS_EMA:
             s = tl.load(ema_ptr + offs, mask=inp, other=0.0) * ema_keep + s * ema_new
         # non-negative floats order like their bits: the top 16 bits are the first digit
-        bits = s.to(tl.int32, bitcast=True)
-        tl.atomic_add(sal_hist_ptr + (bits >> 16), 1, mask=inp & act)
+        bins = s.to(tl.int32, bitcast=True) >> 16
+        # outside the window [sal_lo, sal_hi]: lumped into the bins next to it
+        bins = tl.where(bins < sal_lo, sal_lo - 1, tl.where(bins > sal_hi, sal_hi + 1, bins))
+        tl.atomic_add(sal_hist_ptr + bins, 1, mask=inp & act)
     if REGROW:
         gbits = tl.abs(g).to(tl.int32, bitcast=True)
         tl.atomic_add(grow_hist_ptr + (gbits >> 16), 1, mask=inp & (~act))
 
 
-def stats(g, w, mask, ema, n_prunable, saliency, regrow, ema_keep, ema_new, sal_hist, grow_hist, block=BLOCK):
+def stats(g, w, mask, ema, n_prunable, saliency, regrow, ema_keep, ema_new, sal_lo, sal_hi, sal_hist, grow_hist,
+          block=BLOCK):
     """Launch pass A over one bucket; return its per-block fp32 partial sums of (g*M)^2.
 
     ``sal_hist`` receives the top-16-bit histogram of the saliency of active prunable
-    entries, ``grow_hist`` that of |g| of pruned ones (counts are added: several buckets
-    share one histogram).
+    entries (bins outside ``[sal_lo, sal_hi]`` lumped into ``sal_lo - 1`` and
+    ``sal_hi + 1``), ``grow_hist`` that of |g| of pruned ones (counts are added:
+    several buckets share one histogram).
     """
     n = g.numel()
     nblocks = triton.cdiv(n, block)
@@ -55,7 +59,7 @@ def stats(g, w, mask, ema, n_prunable, saliency, regrow, ema_keep, ema_new, sal_
         return partial
     _stats_kernel[(nblocks,)](
         g, w, mask, ema if ema is not None else w, partial, sal_hist, grow_hist,
-        n, n_prunable, ema_keep, ema_new,
+        n, n_prunable, ema_keep, ema_new, sal_lo, sal_hi,
         SALIENCY=saliency and n_prunable > 0, REGROW=regrow and n_prunable > 0, HAS_EMA=ema is not None,
         BLOCK=block, enable_fp_fusion=False,  # the saliency EMA must round like the reference
     )

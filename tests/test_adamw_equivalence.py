@@ -19,6 +19,8 @@ def tiny_gpt2(seed=0):
 
 
 def run_pair(max_grad_norm, lr=5e-5, steps=20, opt_cls=agip.AGIP, **kw):
+    if kw.get("backend") == "cpp":
+        pytest.importorskip("agip.backends.cpp", reason="the C++ backend did not build here")
     m1 = tiny_gpt2()
     m2 = copy.deepcopy(m1)
     o1 = opt_cls(agip.param_groups(m1), lr=lr, ta_gamma=0, max_grad_norm=max_grad_norm, **kw)
@@ -40,19 +42,24 @@ def run_pair(max_grad_norm, lr=5e-5, steps=20, opt_cls=agip.AGIP, **kw):
     return diff, scale
 
 
-def test_agip_without_pruning_and_ta_is_adamw_with_clipping():
-    diff, scale = run_pair(max_grad_norm=1.0, target_sparsity=0.0)
+CPU_BACKENDS = ["reference", "cpp"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_agip_without_pruning_and_ta_is_adamw_with_clipping(backend):
+    diff, scale = run_pair(max_grad_norm=1.0, target_sparsity=0.0, backend=backend)
     assert diff <= 1e-6 * scale, (diff, scale)
 
 
-def test_taadamw_with_gamma_zero_is_adamw():
-    diff, scale = run_pair(max_grad_norm=1.0, opt_cls=agip.TAAdamW)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_taadamw_with_gamma_zero_is_adamw(backend):
+    diff, scale = run_pair(max_grad_norm=1.0, opt_cls=agip.TAAdamW, backend=backend)
     assert diff <= 1e-6 * scale, (diff, scale)
 
 
-def test_without_clipping_the_update_is_bitwise_adamw():
+def test_without_clipping_the_reference_update_is_bitwise_adamw():
     # with no clip coefficient in play the reference mirrors torch line by line
-    diff, _ = run_pair(max_grad_norm=None, lr=1e-3, target_sparsity=0.0)
+    diff, _ = run_pair(max_grad_norm=None, lr=1e-3, target_sparsity=0.0, backend="reference")
     assert diff == 0.0
 
 

@@ -21,3 +21,16 @@ def test_bench_step_writes_table_and_json(tmp_path):
     assert kinds == {("torch-fused-adamw+clip", "step"), ("reference", "step"), ("reference", "prune-step")}
     assert all(r["median_ms"] > 0 for r in data["rows"])
     assert data["device"]
+
+
+def test_bench_threshold_agrees_with_kthvalue(tmp_path):
+    out = tmp_path / "thr.json"
+    res = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_threshold.py"), "--device", "cpu",
+         "--n", "300000", "--reps", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "(all agree)" in res.stdout  # the script exits non-zero when any theta differs
+    methods = [r["method"] for r in json.loads(out.read_text())["rows"]]
+    assert methods[0] == "torch.kthvalue" and len(methods) >= 2

@@ -25,7 +25,8 @@ from typing import List
 import numpy as np
 import torch
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "cpp", "triton", "cuda")
+_warned_fallback = False
 
 
 @dataclass
@@ -74,17 +75,22 @@ def available() -> List[str]:
 def resolve(name: str, device: torch.device):
     """The backend module for ``name`` on ``device``.
 
-    ``"auto"``: ``triton`` for CUDA tensors when triton imports, else ``reference`` (with
-    one warning saying why, when a faster backend was expected).
+    ``"auto"``: ``triton`` (then ``cuda``) for CUDA tensors, ``cpp`` for CPU tensors,
+    ``reference`` where none of those loads (with one warning per process saying why).
     """
+    global _warned_fallback
     if name not in BACKENDS + ("auto",):
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")
     if name == "auto":
-        if device.type == "cuda":
+        reasons = []
+        for fast in {"cuda": ("triton", "cuda"), "cpu": ("cpp",)}.get(device.type, ()):
             try:
-                return resolve("triton", device)
+                return resolve(fast, device)
             except ImportError as e:
-                warnings.warn(f"AGIP falls back to the reference backend: {e}", stacklevel=3)
+                reasons.append(str(e))
+        if reasons and not _warned_fallback:
+            warnings.warn(f"AGIP falls back to the reference backend: {'; '.join(reasons)}", stacklevel=3)
+            _warned_fallback = True
         return importlib.import_module("agip.backends.reference")
     module = importlib.import_module(f"agip.backends.{name}")
     if hasattr(module, "check_device"):
@@ -96,3 +102,16 @@ def regrow_counts(n_pruned: int, regrow_fraction: float):
     """SPEC 2.2: n_g = floor(phi * #pruned) regrow; the other #pruned - n_g stay pruned."""
     n_g = int(math.floor(regrow_fraction * n_pruned))
     return n_g, n_pruned - n_g
+
+
+def cache_dir(kind: str) -> str:
+    """Where native extensions are built: ``$AGIP_CACHE_DIR`` or ``~/.cache/agip``, one
+    folder per kind, torch version and Python version (builds are not portable across)."""
+    import os
+    import sys
+
+    root = os.environ.get("AGIP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "agip")
+    tag = f"{kind}-torch{torch.__version__.replace('+', '_')}-py{sys.version_info.major}{sys.version_info.minor}"
+    path = os.path.join(root, tag)
+    os.makedirs(path, exist_ok=True)
+    return path

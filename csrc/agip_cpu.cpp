@@ -1,0 +1,328 @@
+// AGIP step on the CPU: the three passes of the fused backends (stats, refine, update)
+// as vectorizable, multi-threaded loops over one flat bucket. SPEC sections 1-2;
+// DESIGN.md "The way data flows". Compiled on first use by agip/backends/cpp.py with
+// -O3 -march=native -fopenmp -ffp-contract=off (no fused multiply-adds: the saliency
+// and its EMA must round exactly as the reference backend does, so masks are identical).
+//
+// Determinism: G^2 is summed per fixed chunk of CHUNK entries (16 double lanes, then the
+// lanes in order, in double), and the chunks in order, so the result does not depend on
+// the thread count; histogram counts are integers, merged exactly.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <vector>
+
+namespace {
+
+constexpr int64_t CHUNK = 1 << 16;
+constexpr int64_t HIST_BINS = 1 << 16;
+constexpr int64_t TILE = 1024;  // bins are computed for a tile (vectorized), then counted
+constexpr int SUBHISTS = 4;     // interleaved copies break store-to-load chains on hot bins
+constexpr uint32_t SKIP = HIST_BINS;  // bin index of entries that are not counted
+constexpr int LANES = 16;
+
+inline uint32_t float_bits(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return b;
+}
+
+// Saliency |w g| (eq. 4.4) or its EMA, as two separately rounded products and a sum.
+template <bool HAS_EMA, typename T>
+inline float saliency(const T* __restrict__ w, const T* __restrict__ g, const float* __restrict__ ema, int64_t i,
+                      float keep, float fresh) {
+  float s = std::fabs(static_cast<float>(w[i]) * static_cast<float>(g[i]));
+  if constexpr (HAS_EMA) s = ema[i] * keep + s * fresh;
+  return s;
+}
+
+// The first-digit bins of one tile of the prunable segment: saliency of active entries
+// (SALIENCY) or |g| of pruned ones. Bins outside [lo, hi] are only counted (below /
+// above, no scatter) and get SKIP, as do entries not counted. Branch-free: vectorizes.
+template <bool SALIENCY, bool HAS_EMA, typename T>
+void tile_bins(const T* __restrict__ w, const T* __restrict__ g, const uint8_t* __restrict__ mk,
+               const float* __restrict__ ema, int64_t t0, int64_t len, float keep, float fresh, uint32_t lo,
+               uint32_t hi, uint32_t* __restrict__ bins, int64_t& below, int64_t& above) {
+  int64_t nb = 0, na = 0;
+  for (int64_t j = 0; j < len; ++j) {
+    const int64_t i = t0 + j;
+    const float s = SALIENCY ? saliency<HAS_EMA>(w, g, ema, i, keep, fresh) : std::fabs(static_cast<float>(g[i]));
+    const bool counted = SALIENCY ? mk[i] != 0 : mk[i] == 0;
+    const uint32_t b = float_bits(s) >> 16;
+    nb += counted && b < lo;
+    na += counted && b > hi;
+    bins[j] = (counted && b >= lo && b <= hi) ? b : SKIP;
+  }
+  below += nb;
+  above += na;
+}
+
+// Pass B's tile: low-digit bins of the counted values whose top 16 bits equal prefix.
+template <bool SALIENCY, bool HAS_EMA, typename T>
+int64_t tile_low_bins(const T* __restrict__ w, const T* __restrict__ g, const uint8_t* __restrict__ mk,
+                      const float* __restrict__ ema, int64_t t0, int64_t len, float keep, float fresh,
+                      uint32_t want, uint32_t* __restrict__ bins) {
+  int64_t hits = 0;
+  for (int64_t j = 0; j < len; ++j) {
+    const int64_t i = t0 + j;
+    const float s = SALIENCY ? saliency<HAS_EMA>(w, g, ema, i, keep, fresh) : std::fabs(static_cast<float>(g[i]));
+    const uint32_t b = float_bits(s);
+    const bool hit = (SALIENCY ? mk[i] != 0 : mk[i] == 0) && (b >> 16) == want;
+    bins[j] = hit ? (b & 0xFFFF) : SKIP;
+    hits += hit;
+  }
+  return hits;
+}
+
+// sum over [lo, hi) of (g * M)^2 (M = 1 unless MASKED), in a fixed order: squares in
+// fp32 (as every backend), accumulated in double lanes (fp32 lanes over a 65,536-entry
+// chunk drift by ~1e-6; the pass is memory-bound either way)
+template <bool MASKED, typename T>
+double sumsq(const T* __restrict__ g, const uint8_t* __restrict__ mask, int64_t lo, int64_t hi) {
+  double acc[LANES] = {0};
+  int64_t i = lo;
+  for (; i + LANES <= hi; i += LANES) {
+    for (int j = 0; j < LANES; ++j) {
+      float x = static_cast<float>(g[i + j]);
+      if constexpr (MASKED) x = x * static_cast<float>(mask[i + j]);
+      acc[j] += static_cast<double>(x * x);
+    }
+  }
+  double s = 0.0;
+  for (int j = 0; j < LANES; ++j) s += acc[j];
+  for (; i < hi; ++i) {
+    float x = static_cast<float>(g[i]);
+    if constexpr (MASKED) x = x * static_cast<float>(mask[i]);
+    s += static_cast<double>(x * x);
+  }
+  return s;
+}
+
+// A thread's private histogram: SUBHISTS interleaved copies plus a SKIP bin.
+struct LocalHist {
+  std::vector<int32_t> c;
+  void init() { c.assign(SUBHISTS * (HIST_BINS + 1), 0); }
+  bool empty() const { return c.empty(); }
+  void count(const uint32_t* bins, int64_t n) {
+    int64_t j = 0;
+    for (; j + SUBHISTS <= n; j += SUBHISTS)
+      for (int k = 0; k < SUBHISTS; ++k) ++c[k * (HIST_BINS + 1) + bins[j + k]];
+    for (; j < n; ++j) ++c[bins[j]];
+  }
+};
+
+void merge(std::mutex& mu, const LocalHist& local, int32_t* global) {
+  if (local.empty()) return;
+  std::lock_guard<std::mutex> lock(mu);
+  for (int k = 0; k < SUBHISTS; ++k)
+    for (int64_t b = 0; b < HIST_BINS; ++b) global[b] += local.c[k * (HIST_BINS + 1) + b];
+}
+
+void check_bucket(const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), what, " must be a CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), what, " must be contiguous");
+}
+
+const uint8_t* mask_ptr(const torch::Tensor& mask) {
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous(), "mask must be a contiguous bool tensor");
+  return reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
+}
+
+void check_hist(const torch::Tensor& h) {
+  TORCH_CHECK(h.scalar_type() == at::kInt && h.numel() == HIST_BINS && h.is_contiguous(), "histograms must be int32[65536]");
+}
+
+// Pass A. Returns per-chunk partial sums of (g*M)^2 (fp64). On pruning steps adds the
+// top-16-bit histogram of the saliency of active prunable entries to sal_hist and, with
+// regrowth, that of |g| of pruned entries to grow_hist. Saliency bins outside the
+// window [sal_lo, sal_hi] are lumped into bins sal_lo - 1 and sal_hi + 1.
+torch::Tensor stats(torch::Tensor g, torch::Tensor w, torch::Tensor mask, c10::optional<torch::Tensor> ema,
+                    int64_t n_prunable, bool with_saliency, bool regrow, double ema_keep, double ema_new,
+                    int64_t sal_lo, int64_t sal_hi, torch::Tensor sal_hist, torch::Tensor grow_hist) {
+  TORCH_CHECK(0 <= sal_lo && sal_lo <= sal_hi && sal_hi < HIST_BINS, "bad saliency window");
+  check_bucket(g, "g");
+  check_bucket(w, "w");
+  TORCH_CHECK(mask.numel() == n_prunable, "mask must have n_prunable entries");
+  check_hist(sal_hist);
+  check_hist(grow_hist);
+  const int64_t n = g.numel();
+  const int64_t nchunks = (n + CHUNK - 1) / CHUNK;
+  auto partial = torch::zeros({nchunks}, torch::dtype(torch::kFloat64));
+  double* part = partial.data_ptr<double>();
+  const uint8_t* mk = mask_ptr(mask);
+  const float* em = ema.has_value() ? ema->data_ptr<float>() : nullptr;
+  int32_t* sh = sal_hist.data_ptr<int32_t>();
+  int32_t* gh = grow_hist.data_ptr<int32_t>();
+  const float keep = static_cast<float>(ema_keep), fresh = static_cast<float>(ema_new);
+  with_saliency = with_saliency && n_prunable > 0;
+  regrow = regrow && n_prunable > 0;
+  std::mutex mu;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "agip_stats", [&] {
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      LocalHist ls, lg;
+      if (with_saliency) ls.init();
+      if (regrow) lg.init();
+      uint32_t sbins[TILE], gbins[TILE];
+      int64_t below = 0, above = 0, unused = 0;
+      const uint32_t win_lo = static_cast<uint32_t>(sal_lo), win_hi = static_cast<uint32_t>(sal_hi);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t lo = c * CHUNK, hi = std::min(n, lo + CHUNK), mid = std::clamp(n_prunable, lo, hi);
+        part[c] = sumsq<true>(gp, mk, lo, mid) + sumsq<false>(gp, mk, mid, hi);
+        if (!with_saliency && !regrow) continue;
+        for (int64_t t0 = lo; t0 < mid; t0 += TILE) {
+          const int64_t len = std::min(TILE, mid - t0);
+          if (with_saliency) {
+            if (em != nullptr)
+              tile_bins<true, true>(wp, gp, mk, em, t0, len, keep, fresh, win_lo, win_hi, sbins, below, above);
+            else
+              tile_bins<true, false>(wp, gp, mk, em, t0, len, keep, fresh, win_lo, win_hi, sbins, below, above);
+            ls.count(sbins, len);
+          }
+          if (regrow) {
+            tile_bins<false, false>(wp, gp, mk, em, t0, len, keep, fresh, 0, HIST_BINS - 1, gbins, unused, unused);
+            lg.count(gbins, len);
+          }
+        }
+      }
+      merge(mu, ls, sh);
+      merge(mu, lg, gh);
+      if (below || above) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (below) sh[win_lo - 1] += static_cast<int32_t>(below);  // below > 0 implies win_lo > 0
+        if (above) sh[win_hi + 1] += static_cast<int32_t>(above);
+      }
+    });
+  });
+  return partial;
+}
+
+// Pass B: adds to hist the low-16-bit counts of the values whose top 16 bits equal
+// prefix: saliency of active entries, or |g| of pruned entries.
+void refine(torch::Tensor g, torch::Tensor w, torch::Tensor mask, c10::optional<torch::Tensor> ema, int64_t n_prunable,
+            int64_t prefix, bool with_saliency, double ema_keep, double ema_new, torch::Tensor hist) {
+  check_bucket(g, "g");
+  check_bucket(w, "w");
+  check_hist(hist);
+  const uint8_t* mk = mask_ptr(mask);
+  const float* em = ema.has_value() ? ema->data_ptr<float>() : nullptr;
+  int32_t* hp = hist.data_ptr<int32_t>();
+  const float keep = static_cast<float>(ema_keep), fresh = static_cast<float>(ema_new);
+  const uint32_t want = static_cast<uint32_t>(prefix);
+  std::mutex mu;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "agip_refine", [&] {
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    at::parallel_for(0, n_prunable, CHUNK, [&](int64_t lo, int64_t hi) {
+      LocalHist local;
+      local.init();
+      uint32_t bins[TILE];
+      for (int64_t t0 = lo; t0 < hi; t0 += TILE) {
+        const int64_t len = std::min(TILE, hi - t0);
+        const int64_t hits =
+            !with_saliency ? tile_low_bins<false, false>(wp, gp, mk, em, t0, len, keep, fresh, want, bins)
+            : em != nullptr ? tile_low_bins<true, true>(wp, gp, mk, em, t0, len, keep, fresh, want, bins)
+                            : tile_low_bins<true, false>(wp, gp, mk, em, t0, len, keep, fresh, want, bins);
+        if (hits) local.count(bins, len);
+      }
+      merge(mu, local, hp);
+    });
+  });
+}
+
+template <typename T, bool PRUNABLE, bool PRUNE_STEP, bool HAS_EMA>
+void update_range(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ v,
+                  uint8_t* __restrict__ mask, float* __restrict__ ema, int64_t lo, int64_t hi, const float* args) {
+  // scalars in locals: loads through a struct inside the loop block vectorization
+  const float decay = args[0], lw = args[1], beta2 = args[2], omb2 = args[3], step_size = args[4],
+              bc2_sqrt = args[5], eps = args[6], clip = args[7], neg_lr_s = args[8], theta = args[9],
+              regrow_theta = args[10], keep = args[11], fresh = args[12];
+  const float one_minus_lw = 1.0f - lw;
+  const bool small = lw < 0.5f;
+  const float inf = std::numeric_limits<float>::infinity();
+#pragma GCC ivdep
+  for (int64_t i = lo; i < hi; ++i) {
+    float wi = static_cast<float>(w[i]), gi = static_cast<float>(g[i]);
+    float mi = static_cast<float>(m[i]), vi = static_cast<float>(v[i]);
+    float ghat, s = 0.f, act = 1.f;
+    if constexpr (PRUNABLE) {
+      act = static_cast<float>(mask[i]);
+      ghat = gi * act * clip;   // the gradient of the active network, clipped
+      s = saliency<HAS_EMA>(w, g, ema, i, keep, fresh);  // from pre-update w and raw g
+    } else {
+      ghat = gi * clip;
+    }
+    // AdamW as torch computes it: decay, lerp, addcmul, bias-corrected addcdiv
+    wi = wi * decay;
+    const float m_small = mi + lw * (ghat - mi), m_large = ghat - (ghat - mi) * one_minus_lw;
+    mi = small ? m_small : m_large;
+    vi = vi * beta2 + omb2 * ghat * ghat;
+    const float denom = std::sqrt(vi) / bc2_sqrt + eps;
+    wi = wi + step_size * (mi / denom);
+    wi = wi + neg_lr_s * ghat;  // terminal attractor: w -= lr * s * ghat
+    if constexpr (PRUNABLE) {
+      bool kept = act != 0.f;
+      if constexpr (PRUNE_STEP) {
+        const bool grown = act == 0.f && std::fabs(gi) > regrow_theta;
+        kept = (grown ? inf : s) > theta;
+        mask[i] = static_cast<uint8_t>(kept);
+      }
+      wi = kept ? wi : 0.f;
+      mi = kept ? mi : 0.f;
+      vi = kept ? vi : 0.f;
+      if constexpr (HAS_EMA) ema[i] = kept ? s : 0.f;
+    }
+    w[i] = static_cast<T>(wi);
+    m[i] = static_cast<T>(mi);
+    v[i] = static_cast<T>(vi);
+  }
+}
+
+// Pass C over [start, end) of one bucket (one param group's range).
+void update(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor v, torch::Tensor mask,
+            c10::optional<torch::Tensor> ema, int64_t start, int64_t end, double decay, double lerp_weight,
+            double beta2, double step_size, double bc2_sqrt, double eps, double clip, double neg_lr_s, double theta,
+            double regrow_theta, double ema_keep, double ema_new, bool prunable, bool prune_step) {
+  check_bucket(w, "w");
+  TORCH_CHECK(g.scalar_type() == w.scalar_type() && m.scalar_type() == w.scalar_type() && v.scalar_type() == w.scalar_type(),
+              "w, g, m, v must share a dtype");
+  TORCH_CHECK(0 <= start && start <= end && end <= w.numel(), "bad range");
+  TORCH_CHECK(!prunable || end <= mask.numel(), "a prunable range must lie inside the mask");
+  const float args[13] = {static_cast<float>(decay), static_cast<float>(lerp_weight), static_cast<float>(beta2),
+                          static_cast<float>(1.0 - beta2), static_cast<float>(step_size), static_cast<float>(bc2_sqrt),
+                          static_cast<float>(eps), static_cast<float>(clip), static_cast<float>(neg_lr_s),
+                          static_cast<float>(theta), static_cast<float>(regrow_theta), static_cast<float>(ema_keep),
+                          static_cast<float>(ema_new)};
+  uint8_t* mk = const_cast<uint8_t*>(mask_ptr(mask));
+  float* em = (prunable && ema.has_value()) ? ema->data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "agip_update", [&] {
+    scalar_t* wp = w.data_ptr<scalar_t>();
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    scalar_t* mp = m.data_ptr<scalar_t>();
+    scalar_t* vp = v.data_ptr<scalar_t>();
+    at::parallel_for(start, end, CHUNK, [&](int64_t lo, int64_t hi) {
+      if (!prunable) return update_range<scalar_t, false, false, false>(wp, gp, mp, vp, mk, em, lo, hi, args);
+      if (em == nullptr) {
+        if (prune_step) return update_range<scalar_t, true, true, false>(wp, gp, mp, vp, mk, em, lo, hi, args);
+        return update_range<scalar_t, true, false, false>(wp, gp, mp, vp, mk, em, lo, hi, args);
+      }
+      if (prune_step) return update_range<scalar_t, true, true, true>(wp, gp, mp, vp, mk, em, lo, hi, args);
+      return update_range<scalar_t, true, false, true>(wp, gp, mp, vp, mk, em, lo, hi, args);
+    });
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("stats", &stats, "AGIP pass A: G^2 chunk sums and first-digit histograms");
+  mod.def("refine", &refine, "AGIP pass B: second-digit histogram inside one bin");
+  mod.def("update", &update, "AGIP pass C: clip, AdamW, TA, new mask, w/m/v * M'");
+  mod.attr("HIST_BINS") = HIST_BINS;
+}
