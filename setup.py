@@ -23,6 +23,7 @@ setup(
     # torch>=2.1 without an upper pin: an environment that already has a CPU build
     # keeps it (pip never swaps it for a multi-GB CUDA build to satisfy this line).
     install_requires=["torch>=2.1", "numpy"],
+    entry_points={"console_scripts": ["agip=agip.cli:main"]},
     extras_require={
         "triton": ["triton>=3.0"],
         "harness": [

@@ -1,0 +1,122 @@
+"""``agip`` command line: ``agip finetune`` runs the whole job, ``agip eval`` measures a
+checkpoint. ``agip finetune`` with no options runs the embedded default: SmolLM2-135M on
+wiki-mini, 30% of the prunable weights, 100 steps."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from .train import METHODS, FinetuneConfig
+
+
+def _add_finetune(sub):
+    d = FinetuneConfig()
+    p = sub.add_parser("finetune", help="fine-tune while pruning; measure perplexity before and after",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=d.model, help="'smollm2-135m' (embedded), a local folder, or a hub name (e.g. gpt2)")
+    p.add_argument("--dataset", default=d.dataset,
+                   help="'wiki-mini' (embedded), 'wikitext-2-raw-v1' (needs a network), or a text file / folder")
+    p.add_argument("--out", default=d.out, help="folder for the checkpoint, report and plots")
+    p.add_argument("--method", default=d.method, choices=METHODS)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per training sequence")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr-warmup", type=float, default=d.lr_warmup, help="share of steps of linear LR warm-up")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 disables clipping")
+    p.add_argument("--target-sparsity", type=float, default=d.target_sparsity, help="share of the prunable weights")
+    p.add_argument("--schedule", default=d.schedule, choices=("exp", "cubic", "oneshot"))
+    p.add_argument("--prune-interval", type=int, default=d.prune_interval)
+    p.add_argument("--regrow-fraction", type=float, default=d.regrow_fraction)
+    p.add_argument("--saliency-ema", type=float, default=d.saliency_ema)
+    p.add_argument("--ta-gamma", type=float, default=d.ta_gamma, help="terminal-attractor strength (0: off)")
+    p.add_argument("--ta-beta", type=float, default=d.ta_beta)
+    p.add_argument("--ta-clip", type=float, default=d.ta_clip, help="norm bound C of the TA vector")
+    p.add_argument("--ta-loss-floor", type=float, default=d.ta_loss_floor)
+    p.add_argument("--no-stability", dest="stability", action="store_false", help="ramp sparsity regardless of the loss")
+    p.add_argument("--backend", default=d.backend, choices=("auto", "reference", "cpp", "triton", "cuda"))
+    p.add_argument("--fp32", dest="bf16", action="store_false", help="no bf16 autocast")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--eval-split", default=d.eval_split, choices=("validation", "test"))
+    p.add_argument("--eval-seq-len", type=int, default=d.eval_seq_len, help="L (default min(1024, context))")
+    p.add_argument("--eval-stride", type=int, default=d.eval_stride, help="default L: non-overlapping windows")
+    p.add_argument("--eval-max-tokens", type=int, default=d.eval_max_tokens, help="0 = the whole split")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps; 0 = only at the end")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint, bit for bit")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="perplexity of a checkpoint (or any model)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="a checkpoint folder from `agip finetune`, a model folder, or a hub name")
+    p.add_argument("--dataset", default="wiki-mini")
+    p.add_argument("--split", default="test", choices=("validation", "test"))
+    p.add_argument("--seq-len", type=int, default=None, help="L (default min(1024, context))")
+    p.add_argument("--stride", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=16384, help="0 = the whole split")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def run_eval(args) -> dict:
+    import torch
+
+    from . import checkpoint
+    from .data import join, load_corpus
+    from .evaluate import perplexity
+    from .models import context_length, load_model
+    from .train import tokenize
+
+    if checkpoint.is_checkpoint(args.checkpoint):
+        model, tok, _ = checkpoint.load_model(args.checkpoint)
+    else:
+        model, tok = load_model(args.checkpoint)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    ctx = context_length(model)
+    L = args.seq_len or min(1024, ctx)
+    if L > ctx:
+        raise ValueError(f"--seq-len {L} exceeds the model's context of {ctx} tokens")
+    ids = tokenize(tok, join(load_corpus(args.dataset)[args.split]))
+    if args.max_tokens:
+        ids = ids[: args.max_tokens]
+    res = perplexity(model, ids, L, args.stride, progress=args.progress)
+    weights = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    zeros = sum(int((p == 0).sum()) for p in weights)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"perplexity on {args.dataset}/{args.split}: {res['ppl']:.3f} ({res['scored_tokens']:,} scored tokens of "
+          f"{res['tokens']:,}, L={res['seq_len']}, stride={res['stride']}); zero weights: {zeros:,} of {total:,} "
+          f"parameters ({100 * zeros / total:.2f}%)")
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="agip", description="Prune a language model while fine-tuning it.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    _add_finetune(sub)
+    _add_eval(sub)
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "eval":
+            run_eval(args)
+            return 0
+        from .train import finetune, summary
+
+        fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+        kw = {k: v for k, v in vars(args).items() if k in fields}
+        if kw.get("max_grad_norm") == 0:
+            kw["max_grad_norm"] = None
+        if kw.get("eval_max_tokens") == 0:
+            kw["eval_max_tokens"] = None
+        report = finetune(FinetuneConfig(**kw))
+        print(summary(report))
+        return 0
+    except (ValueError, RuntimeError, FileNotFoundError, TypeError) as e:
+        print(f"agip: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""The fine-tuning harness: measure, fine-tune while pruning, measure again, save, report.
+
+One function, :func:`finetune`, to be read top to bottom (nanoGPT's habit): no framework
+of our own. ``agip finetune`` (agip/cli.py) is a thin argument parser around it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from . import checkpoint
+from .data import join, load_corpus
+from .evaluate import perplexity
+from .models import EMBEDDED, context_length, load_model
+
+METHODS = ("agip", "adamw")
+
+
+@dataclass
+class FinetuneConfig:
+    """Every knob of a run (``agip finetune --help`` lists the same, with defaults)."""
+
+    model: str = EMBEDDED
+    dataset: str = "wiki-mini"
+    out: str = "runs/agip"
+    method: str = "agip"
+    steps: int = 100
+    batch_size: int = 4
+    block_size: int = 256
+    grad_accum: int = 1
+    lr: float = 5e-5
+    lr_warmup: float = 0.05  # share of steps with a linear LR warm-up, then linear decay to 0
+    weight_decay: float = 0.01
+    max_grad_norm: Optional[float] = 1.0
+    target_sparsity: float = 0.3
+    schedule: str = "exp"
+    prune_interval: int = 1
+    regrow_fraction: float = 0.0
+    saliency_ema: float = 0.0
+    ta_gamma: float = 1.0
+    ta_beta: float = 0.5
+    ta_clip: float = 1.0
+    ta_loss_floor: float = 0.0
+    stability: bool = True
+    backend: str = "auto"
+    bf16: bool = True  # autocast forward/backward in bf16; parameters and optimizer stay fp32
+    seed: int = 0
+    eval_split: str = "test"
+    eval_seq_len: Optional[int] = None  # L; default min(1024, model context)
+    eval_stride: Optional[int] = None  # default L (non-overlapping windows)
+    eval_max_tokens: Optional[int] = 16384  # first N tokens of the split; None = all
+    checkpoint_every: int = 0
+    resume: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(msg)
+
+        need(self.method in METHODS, f"--method must be one of {METHODS}, got {self.method!r}")
+        need(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
+        need(self.batch_size >= 1 and self.block_size >= 2 and self.grad_accum >= 1,
+             "--batch-size and --grad-accum must be >= 1 and --block-size >= 2")
+        need(0 <= self.target_sparsity < 1, f"--target-sparsity must be in [0, 1), got {self.target_sparsity}")
+        need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        need(0 <= self.lr_warmup < 1, f"--lr-warmup must be in [0, 1), got {self.lr_warmup}")
+        need(self.eval_split in ("validation", "test"), f"--eval-split must be validation or test, got {self.eval_split!r}")
+        need(self.eval_max_tokens is None or self.eval_max_tokens >= 2, "--eval-max-tokens must be >= 2 (or 0 for all)")
+        need(self.checkpoint_every >= 0, "--checkpoint-every must be >= 0")
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    # one long sequence: the protocol tokenizes the joined split once (no special tokens)
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def make_optimizer(cfg: FinetuneConfig, model):
+    import agip
+
+    groups = agip.param_groups(model, weight_decay=cfg.weight_decay)
+    if cfg.method == "adamw":  # plain AdamW + clipping (TAAdamW with ta_gamma=0 is exactly that)
+        return agip.TAAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+                            ta_gamma=0.0, backend=cfg.backend)
+    return agip.AGIP(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+                     ta_gamma=cfg.ta_gamma, ta_beta=cfg.ta_beta, ta_clip=cfg.ta_clip, ta_loss_floor=cfg.ta_loss_floor,
+                     target_sparsity=cfg.target_sparsity, schedule=cfg.schedule, total_steps=cfg.steps,
+                     prune_interval=cfg.prune_interval, regrow_fraction=cfg.regrow_fraction,
+                     saliency_ema=cfg.saliency_ema, stability=cfg.stability, backend=cfg.backend)
+
+
+def lr_lambda(cfg: FinetuneConfig):
+    warm = max(1, int(cfg.lr_warmup * cfg.steps)) if cfg.lr_warmup > 0 else 0
+
+    def f(step):  # the thesis' schedule: linear decay, here after a linear warm-up
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (cfg.steps - step) / max(1, cfg.steps - warm))
+
+    return f
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Run one fine-tuning job; returns the report (also written to ``cfg.out``)."""
+    cfg.check()
+    from tqdm.auto import tqdm
+
+    from .report import write_report
+
+    torch.manual_seed(cfg.seed)
+    ckpt_dir = os.path.join(cfg.out, "checkpoint")
+    resuming = cfg.resume and checkpoint.is_checkpoint(ckpt_dir)
+    if cfg.resume and not resuming:
+        raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume first")
+
+    # 1. model, data, and the evaluation protocol's settings
+    if resuming:
+        model, tok, state = checkpoint.load_model(ckpt_dir)
+    else:
+        model, tok = load_model(cfg.model)
+        state = {}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    ctx = context_length(model)
+    L = cfg.eval_seq_len or min(1024, ctx)
+    if L > ctx or cfg.block_size > ctx:
+        raise ValueError(f"the model's context is {ctx} tokens: --eval-seq-len ({L}) and --block-size "
+                         f"({cfg.block_size}) must not exceed it")
+    stride = cfg.eval_stride or L
+    corpus = load_corpus(cfg.dataset)
+    train_ids = tokenize(tok, join(corpus["train"]))
+    eval_ids = tokenize(tok, join(corpus[cfg.eval_split]))
+    if cfg.eval_max_tokens:
+        eval_ids = eval_ids[: cfg.eval_max_tokens]
+    n_blocks = train_ids.numel() // cfg.block_size
+    if n_blocks < 1:
+        raise ValueError(f"the train split has {train_ids.numel()} tokens, fewer than one block of {cfg.block_size}")
+    blocks = train_ids[: n_blocks * cfg.block_size].view(n_blocks, cfg.block_size)
+
+    def batch(step: int, micro: int) -> torch.Tensor:
+        # sample i of the run is block order[epoch][i % n_blocks]: a pure function of the
+        # step, so a resumed run reads exactly the batches it would have read
+        first = (step * cfg.grad_accum + micro) * cfg.batch_size
+        idx = []
+        for i in range(first, first + cfg.batch_size):
+            epoch, pos = divmod(i, n_blocks)
+            order = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(cfg.seed * 1000003 + epoch))
+            idx.append(int(order[pos]))
+        return blocks[idx].to(device)
+
+    # 2. perplexity before fine-tuning
+    before = state.get("before") or perplexity(model, eval_ids, L, stride, progress=cfg.progress, desc="ppl before")
+
+    # 3. optimizer, LR schedule, resume
+    opt = make_optimizer(cfg, model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    history, start, train_time = state.get("history", []), 0, state.get("train_seconds", 0.0)
+    if resuming:
+        blob = checkpoint.load_training_state(ckpt_dir)
+        opt.load_state_dict(blob["optimizer"])
+        sched.load_state_dict(blob["scheduler"])
+        torch.set_rng_state(blob["rng"])
+        start = state["step"]
+
+    def save_checkpoint(step):
+        checkpoint.save(ckpt_dir, model, tok, opt, sched, rng=torch.get_rng_state(), state={
+            "step": step, "before": before, "history": history, "train_seconds": train_time,
+            "config": dataclasses.asdict(cfg)})
+
+    # 4. the training loop
+    model.train()
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
+    bar = tqdm(range(start, cfg.steps), desc=f"fine-tune ({cfg.method})", initial=start, total=cfg.steps,
+               disable=not cfg.progress)
+    for step in bar:
+        t0 = time.perf_counter()
+        losses = []
+        for micro in range(cfg.grad_accum):
+            x = batch(step, micro)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = model(x, labels=x).loss
+            (loss / cfg.grad_accum).backward()
+            losses.append(loss.item())
+        E = sum(losses) / len(losses)  # SPEC 0: the mean of the micro-batch losses
+        lr = sched.get_last_lr()[0]
+        opt.step(loss=E)
+        sched.step()
+        opt.zero_grad()
+        dt = time.perf_counter() - t0
+        train_time += dt
+        rep = opt.sparsity_report()
+        history.append({"step": step + 1, "loss": E, "lr": lr, "scheduled_sparsity": rep["scheduled_sparsity"],
+                        "sparsity_prunable": rep["sparsity_prunable"], "sparsity_all": rep["sparsity_all"],
+                        "tokens_per_s": tokens_per_step / dt})
+        bar.set_postfix(loss=f"{E:.3f}", R=f"{rep['scheduled_sparsity']:.3f}",
+                        sparsity=f"{rep['sparsity_prunable']:.3f}", tok_s=f"{tokens_per_step / dt:.0f}")
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            save_checkpoint(step + 1)
+
+    # 5. perplexity after, checkpoint, report
+    after = perplexity(model, eval_ids, L, stride, progress=cfg.progress, desc="ppl after")
+    save_checkpoint(cfg.steps)
+    final = opt.sparsity_report()
+    report = {
+        "config": dataclasses.asdict(cfg),
+        "model": cfg.model, "dataset": cfg.dataset, "eval_split": cfg.eval_split,
+        "ppl_before": before, "ppl_after": after,
+        "sparsity_prunable": final["sparsity_prunable"], "sparsity_all": final["sparsity_all"],
+        "n_prunable": final["n_prunable"], "n_params": final["n_params"], "n_pruned": final["n_pruned"],
+        "skipped_steps": final["skipped_steps"], "layer_density": final["layer_density"],
+        "train_seconds": train_time, "tokens_per_s": tokens_per_step * len(history) / max(train_time, 1e-9),
+        "train_tokens": tokens_per_step * cfg.steps, "backend": opt.backend.__name__.rsplit(".", 1)[-1],
+        "history": history, "checkpoint": ckpt_dir,
+    }
+    write_report(report, cfg.out)
+    return report
+
+
+def summary(report: dict) -> str:
+    """The lines `agip finetune` prints at the end."""
+    b, a = report["ppl_before"], report["ppl_after"]
+    return "\n".join([
+        f"perplexity on {report['dataset']}/{report['eval_split']} ({a['scored_tokens']:,} scored tokens, "
+        f"L={a['seq_len']}, stride={a['stride']}): before {b['ppl']:.2f} -> after {a['ppl']:.2f}",
+        f"sparsity: {100 * report['sparsity_prunable']:.1f}% of the prunable weights "
+        f"({report['n_pruned']:,} of {report['n_prunable']:,}), {100 * report['sparsity_all']:.1f}% of all "
+        f"{report['n_params']:,} parameters",
+        f"trained {report['train_tokens']:,} tokens in {report['train_seconds']:.0f} s "
+        f"({report['tokens_per_s']:.0f} tokens/s, backend {report['backend']})",
+        f"report: {os.path.join(report['config']['out'], 'report.md')} (+ report.json, *.png); "
+        f"checkpoint: {report['checkpoint']}",
+    ])
