@@ -18,7 +18,9 @@ def _add_finetune(sub):
     p.add_argument("--dataset", default=d.dataset,
                    help="'wiki-mini' (embedded), 'wikitext-2-raw-v1' (needs a network), or a text file / folder")
     p.add_argument("--out", default=d.out, help="folder for the checkpoint, report and plots")
-    p.add_argument("--method", default=d.method, choices=METHODS)
+    p.add_argument("--method", default=d.method, choices=METHODS,
+                   help="agip; adamw (dense fine-tuning, no pruning); gmp (gradual magnitude pruning, cubic); "
+                        "magnitude / wanda (one-shot pruning, then fine-tuning with the mask fixed)")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per training sequence")
@@ -44,6 +46,10 @@ def _add_finetune(sub):
     p.add_argument("--eval-seq-len", type=int, default=d.eval_seq_len, help="L (default min(1024, context))")
     p.add_argument("--eval-stride", type=int, default=d.eval_stride, help="default L: non-overlapping windows")
     p.add_argument("--eval-max-tokens", type=int, default=d.eval_max_tokens, help="0 = the whole split")
+    p.add_argument("--eval-validation", action="store_true", help="also measure the validation split at the end")
+    p.add_argument("--gmp-events", type=int, default=d.gmp_events, help="gmp: how many times to re-prune")
+    p.add_argument("--calibration-blocks", type=int, default=d.calibration_blocks,
+                   help="wanda: train blocks used for the activation norms")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps; 0 = only at the end")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint, bit for bit")
     p.add_argument("--no-progress", dest="progress", action="store_false")

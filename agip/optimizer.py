@@ -273,6 +273,37 @@ class AGIP(torch.optim.Optimizer):
             self._last.update(theta=plan.theta, regrown=regrown)
         return loss
 
+    @torch.no_grad()
+    def apply_masks(self, masks: dict) -> None:
+        """Set the masks of prunable parameters from outside (baselines such as one-shot
+        magnitude or Wanda pruning, or gradual magnitude pruning between steps).
+
+        ``masks`` maps a prunable parameter (or its name in ``param_names``) to a bool
+        tensor of its shape (True = keep). Entries set to False get w = m = v = 0 (and a
+        zero saliency EMA), as after an AGIP pruning step (SPEC 1.6). Parameters not in
+        ``masks`` keep their masks. Everything is checked before anything changes.
+        """
+        by_name = {n: p for g in self.param_groups for n, p in zip(g.get("param_names", []), g["params"])}
+        todo = []
+        for key, mask in masks.items():
+            p = by_name.get(key) if isinstance(key, str) else key
+            if p is None or p not in self.state or "mask" not in self.state[p]:
+                raise ValueError(f"apply_masks: {key if isinstance(key, str) else 'a parameter'} is not a prunable "
+                                 "parameter of this optimizer (its group needs prune=True)")
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != p.shape:
+                raise ValueError(f"apply_masks: the mask of {key if isinstance(key, str) else 'a parameter'} must be "
+                                 f"a bool tensor of shape {tuple(p.shape)}")
+            todo.append((p, mask.to(p.device)))
+        for p, mask in todo:
+            st = self.state[p]
+            st["mask"].copy_(mask)
+            drop = ~mask
+            p.masked_fill_(drop, 0)
+            st["exp_avg"].masked_fill_(drop, 0)
+            st["exp_avg_sq"].masked_fill_(drop, 0)
+            if "saliency_ema" in st:
+                st["saliency_ema"].masked_fill_(drop, 0)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero all gradients in place (they stay views of the flat buffer)."""
         self._flat.zero_grad()

@@ -100,6 +100,9 @@ def markdown(report: dict) -> str:
         "| | perplexity | sparsity (prunable) | sparsity (all params) |",
         "|---|---|---|---|",
         f"| before fine-tuning | {b['ppl']:.3f} | 0.0% | 0.0% |",
+        *([f"| after one-shot {c['method']} pruning, before fine-tuning | {report['ppl_pruned']['ppl']:.3f} | "
+           f"{100 * report['sparsity_prunable']:.2f}% | {100 * report['sparsity_all']:.2f}% |"]
+          if report.get("ppl_pruned") else []),
         f"| after {c['steps']} steps | {a['ppl']:.3f} | {100 * report['sparsity_prunable']:.2f}% | "
         f"{100 * report['sparsity_all']:.2f}% |",
         "",

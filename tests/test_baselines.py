@@ -1,0 +1,106 @@
+"""Baselines of the quality study (issue 6): masks and schedules against direct
+computations, the harness methods end to end, and benchmarks/quality.py --quick."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import agip
+from agip import baselines
+from conftest import TinyLM, batch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_magnitude_masks_prune_the_globally_smallest():
+    model = TinyLM()
+    opt = agip.AGIP(agip.param_groups(model), total_steps=10)
+    masks = baselines.magnitude_masks(opt, 0.4)
+    groups = [g for g in opt.param_groups if g["prune"]]
+    mags = torch.cat([p.detach().abs().reshape(-1) for g in groups for p in g["params"]])
+    k = math.floor(0.4 * mags.numel())
+    theta = float(torch.kthvalue(mags, k).values)
+    for g in groups:
+        for name, p in zip(g["param_names"], g["params"]):
+            assert torch.equal(masks[name], p.detach().abs() > theta)
+    assert sum(int((~m).sum()) for m in masks.values()) == k  # random weights: no ties
+
+
+def test_gmp_ratio_is_zhu_gupta_cubic():
+    assert baselines.gmp_ratio(0, 100, 0.5) == 0.0
+    assert baselines.gmp_ratio(75, 100, 0.5) == 0.5 and baselines.gmp_ratio(100, 100, 0.5) == 0.5
+    assert baselines.gmp_ratio(40, 100, 0.5) == pytest.approx(0.5 * (1 - (1 - 35 / 70) ** 3))
+
+
+def test_wanda_masks_follow_the_score_per_output_row():
+    model = TinyLM()
+    opt = agip.AGIP(agip.param_groups(model), total_steps=10)
+    calib = [batch(0), batch(1)]
+    masks = baselines.wanda_masks(model, opt, 0.5, calib)
+    # direct computation for one layer: inputs of up_proj are tanh(q_proj(norm(h)))
+    layer = model.layers[0]
+    xs = []
+    handle = layer.up_proj.register_forward_hook(lambda m, a, o: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for x in calib:
+            model(x)
+    handle.remove()
+    norm = torch.cat(xs).pow(2).sum(0).sqrt()
+    score = layer.up_proj.weight.detach().abs() * norm[None, :]
+    k = score.shape[1] // 2
+    expect = torch.ones_like(score, dtype=torch.bool)
+    expect.scatter_(1, torch.topk(score, k, dim=1, largest=False).indices, False)
+    assert torch.equal(masks["layers.0.up_proj.weight"], expect)
+    assert all(int((~m).sum(1).unique().numel()) == 1 for m in masks.values())  # the same count in every row
+
+
+def test_wanda_handles_gpt2_conv1d(gpt2_dir):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.GPT2LMHeadModel.from_pretrained(gpt2_dir)
+    opt = agip.AGIP(agip.param_groups(model), total_steps=10)
+    masks = baselines.wanda_masks(model, opt, 0.3, [torch.randint(0, 1000, (2, 16))])
+    w = model.transformer.h[0].mlp.c_fc.weight  # Conv1D: (in, out); rows of Wanda are the outputs
+    m = masks["transformer.h.0.mlp.c_fc.weight"]
+    assert m.shape == w.shape
+    assert bool(((~m).sum(0) == math.floor(0.3 * w.shape[0])).all())
+
+
+@pytest.mark.parametrize("method", ["gmp", "magnitude", "wanda", "adamw"])
+def test_harness_methods(method, gpt2_dir, corpus_dir, tmp_path):
+    from agip.train import FinetuneConfig, finetune
+
+    rep = finetune(FinetuneConfig(model=gpt2_dir, dataset=corpus_dir, out=str(tmp_path), method=method, steps=10,
+                                  batch_size=2, block_size=32, lr=1e-3, target_sparsity=0.5, eval_seq_len=64,
+                                  eval_max_tokens=None, progress=False, bf16=False))
+    if method == "adamw":
+        assert rep["sparsity_prunable"] == 0.0
+        return
+    assert rep["sparsity_prunable"] == pytest.approx(0.5, abs=0.01)
+    assert (rep["ppl_pruned"] is not None) == (method in ("magnitude", "wanda"))
+    if method == "gmp":  # the cubic ramp, re-applied during training
+        s = [h["sparsity_prunable"] for h in rep["history"]]
+        assert s[0] < s[4] < s[-1] and all(a <= b + 1e-9 for a, b in zip(s, s[1:]))
+    else:  # one-shot: the mask is fixed from the first step
+        assert all(h["sparsity_prunable"] == rep["sparsity_prunable"] for h in rep["history"])
+
+
+def test_quality_quick_runs_the_whole_grid(gpt2_dir, corpus_dir, tmp_path):
+    res = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "quality.py"), "--quick", "--model", gpt2_dir,
+         "--dataset", corpus_dir, "--out", str(tmp_path), "--block-size", "32", "--batch-size", "2",
+         "--eval-seq-len", "64"],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    rows = json.loads((tmp_path / "quality.json").read_text())["rows"]
+    methods = {r["method"] for r in rows}
+    assert methods == {"adamw", "gmp", "magnitude", "wanda", "agip"}
+    assert len(rows) == 19
+    assert {r["target"] for r in rows} == {0.0, 0.3, 0.5}
+    assert sum(1 for r in rows if r["seed"] == 1) == 3
+    assert (tmp_path / "quality.md").read_text().count("\n|") >= 20
+    assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
