@@ -229,7 +229,14 @@ class AGIP(torch.optim.Optimizer):
         flat = self._flat
         flat.rebind_grads()
         t = self._step + 1
-        ratio, alpha = self.schedule.propose(t, E if E is not None and math.isfinite(E) else None)
+        if E is not None and not math.isfinite(E):
+            return self._skip(t, "loss", loss)
+        if E is not None and E < 0 and cfg["ta_gamma"] > 0:
+            raise ValueError(
+                f"loss is {E} < 0, but the terminal-attractor term needs a loss >= 0 (E^beta is undefined); "
+                "pass ta_gamma=0 for losses that can be negative"
+            )
+        ratio, alpha = self.schedule.propose(t, E)
         keep, new = StepPlan.ema_constants(cfg["saliency_ema"])
         plan = StepPlan(
             step=t, clip=1.0, ta_scale=0.0,
@@ -239,21 +246,8 @@ class AGIP(torch.optim.Optimizer):
             regrow_fraction=cfg["regrow_fraction"], ema_keep=keep, ema_new=new,
         )
         G2 = self.backend.grad_sumsq(flat, plan)
-        if (E is not None and not math.isfinite(E)) or not math.isfinite(G2):
-            self.skipped_steps += 1
-            if not self._warned_skip:
-                warnings.warn(
-                    f"AGIP skipped step {t}: non-finite {'loss' if E is not None and not math.isfinite(E) else 'gradient'} "
-                    "(nothing was updated; skipped_steps counts these; this warning is shown once)",
-                    RuntimeWarning, stacklevel=2,
-                )
-                self._warned_skip = True
-            return loss
-        if E is not None and E < 0 and cfg["ta_gamma"] > 0:
-            raise ValueError(
-                f"loss is {E} < 0, but the terminal-attractor term needs a loss >= 0 (E^beta is undefined); "
-                "pass ta_gamma=0 for losses that can be negative"
-            )
+        if not math.isfinite(G2):
+            return self._skip(t, "gradient", loss)
         mgn = cfg["max_grad_norm"]
         plan.clip = 1.0 if mgn is None else min(1.0, mgn / (math.sqrt(G2) + 1e-6))
         ghat_sq = plan.clip * plan.clip * G2
@@ -303,6 +297,15 @@ class AGIP(torch.optim.Optimizer):
             st["exp_avg_sq"].masked_fill_(drop, 0)
             if "saliency_ema" in st:
                 st["saliency_ema"].masked_fill_(drop, 0)
+
+    def _skip(self, t: int, what: str, loss):
+        """SPEC 1.1: a non-finite loss or gradient skips the step; only the counter moves."""
+        self.skipped_steps += 1
+        if not self._warned_skip:
+            warnings.warn(f"AGIP skipped step {t}: non-finite {what} (nothing was updated; skipped_steps counts "
+                          "these; this warning is shown once)", RuntimeWarning, stacklevel=3)
+            self._warned_skip = True
+        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero all gradients in place (they stay views of the flat buffer)."""
