@@ -3,9 +3,10 @@
 ``import agip`` is cheap: it imports neither triton nor transformers and compiles
 nothing; backends load on first use.
 """
+from . import hf
 from .groups import param_groups
 from .optimizer import AGIP, TAAdamW, ta_scale
 from .schedule import SparsitySchedule
 
 __version__ = "0.1.0"
-__all__ = ["AGIP", "TAAdamW", "param_groups", "ta_scale", "SparsitySchedule", "__version__"]
+__all__ = ["AGIP", "TAAdamW", "param_groups", "ta_scale", "SparsitySchedule", "hf", "__version__"]
