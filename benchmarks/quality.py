@@ -61,7 +61,13 @@ def main(argv=None):
     ap.add_argument("--eval-seq-len", type=int, default=None)
     ap.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.5])
     ap.add_argument("--quick", action="store_true", help="2 steps, short evaluations: checks the pipeline only")
+    ap.add_argument("--report-only", action="store_true", help="rebuild quality.md / quality.png from quality.json")
     args = ap.parse_args(argv)
+    if args.report_only:
+        with open(os.path.join(args.out, "quality.json")) as f:
+            data = json.load(f)
+        write_outputs(data["rows"], data["settings"], args.out)
+        return
     if args.quick:
         args.steps, args.eval_max_tokens = 2, min(args.eval_max_tokens, 512)
     os.makedirs(args.out, exist_ok=True)
@@ -98,20 +104,23 @@ def main(argv=None):
     best = min(sweep, key=lambda g: sweep[g]["ppl_validation"])
     for label, method, overrides, target, seed in grid(args.targets, best):
         run(label, method, overrides, target, seed)
-    write_outputs(results, common, best, sweep, args.out)
+    write_outputs(results, common, args.out)
 
 
-def write_outputs(rows, settings, best, sweep, out):
+def write_outputs(rows, settings, out):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     before = rows[0]["ppl_before"]
+    sweep = {r["ta_gamma"]: r for r in rows if r["ppl_validation"] is not None}
+    best = min(sweep, key=lambda g: sweep[g]["ppl_validation"])
     lines = [
-        f"Test perplexity (first {rows[0]['scored_tokens'] + 1:,}-ish tokens of the test split, L={rows[0]['seq_len']}, "
-        f"non-overlapping), {settings['steps']} steps × {settings['batch_size']}×{settings['block_size']} tokens, "
-        f"lr {settings['lr']} (linear warm-up/decay), seed 0 unless noted.",
+        f"Test perplexity on the first {settings['eval_max_tokens']:,} tokens of the test split "
+        f"({rows[0]['scored_tokens']:,} scored, L={rows[0]['seq_len']}, non-overlapping windows); "
+        f"{settings['steps']} steps × {settings['batch_size']}×{settings['block_size']} tokens for every method, "
+        f"lr {settings['lr']} (linear warm-up and decay), seed 0 unless noted.",
         "",
         "| method | target | seed | test ppl | ppl right after one-shot pruning | sparsity prunable | sparsity all | wall s | tokens/s |",
         "|---|---|---|---|---|---|---|---|---|",
