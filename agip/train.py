@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from . import checkpoint
+from . import baselines, checkpoint
 from .data import join, load_corpus
 from .evaluate import perplexity
 from .models import EMBEDDED, context_length, load_model
@@ -194,8 +194,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     pruned = state.get("ppl_pruned")
     if cfg.method in ("magnitude", "wanda") and not resuming:  # one-shot, then the mask stays fixed
-        from . import baselines
-
         if cfg.method == "magnitude":
             masks = baselines.magnitude_masks(opt, cfg.target_sparsity)
         else:
@@ -207,9 +205,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     def scheduled(step_done: int, rep: dict) -> float:
         if cfg.method == "gmp":
-            from .baselines import gmp_ratio
-
-            return gmp_ratio(step_done, cfg.steps, cfg.target_sparsity)
+            return baselines.gmp_ratio(step_done, cfg.steps, cfg.target_sparsity)
         if cfg.method in ("magnitude", "wanda"):
             return cfg.target_sparsity
         return rep["scheduled_sparsity"]
@@ -239,9 +235,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         sched.step()
         opt.zero_grad()
         if cfg.method == "gmp" and ((step + 1) % gmp_every == 0 or step + 1 == cfg.steps):
-            from .baselines import gmp_ratio, magnitude_masks
-
-            opt.apply_masks(magnitude_masks(opt, gmp_ratio(step + 1, cfg.steps, cfg.target_sparsity)))
+            ratio = baselines.gmp_ratio(step + 1, cfg.steps, cfg.target_sparsity)
+            opt.apply_masks(baselines.magnitude_masks(opt, ratio))
         dt = time.perf_counter() - t0
         train_time += dt
         rep = opt.sparsity_report()

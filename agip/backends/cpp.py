@@ -14,7 +14,7 @@ from importlib import resources
 import torch
 
 from . import cache_dir
-from .fused import FusedDriver
+from .fused import FusedDriver, keyword_update
 
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=c++17"]
 
@@ -40,18 +40,12 @@ def build(verbose: bool = False):
 _ext = build()
 
 
-def _update(w, g, m, v, mask, ema, start, end, *, decay, lerp_weight, beta2, step_size, bc2_sqrt, eps, clip,
-            neg_lr_s, theta, regrow_theta, ema_keep, ema_new, prunable, prune_step):
-    _ext.update(w, g, m, v, mask, ema, start, end, decay, lerp_weight, beta2, step_size, bc2_sqrt, eps, clip,
-                neg_lr_s, theta, regrow_theta, ema_keep, ema_new, prunable, prune_step)
-
-
 def check_device(device: torch.device) -> None:
     if device.type != "cpu":
         raise ValueError(f"backend='cpp' runs on CPU tensors; these parameters are on {device}: use backend='auto'")
 
 
-_driver = FusedDriver("cpp", stats=_ext.stats, refine=_ext.refine, update=_update)
+_driver = FusedDriver("cpp", stats=_ext.stats, refine=_ext.refine, update=keyword_update(_ext.update))
 grad_sumsq, select, update = _driver.grad_sumsq, _driver.select, _driver.update
 
 if __name__ == "__main__":

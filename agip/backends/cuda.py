@@ -14,7 +14,7 @@ from importlib import resources
 import torch
 
 from . import cache_dir
-from .fused import FusedDriver
+from .fused import FusedDriver, keyword_update
 
 if torch.version.cuda is None:
     raise ImportError(
@@ -46,11 +46,5 @@ def check_device(device: torch.device) -> None:
         raise ValueError(f"backend='cuda' runs on CUDA tensors; these parameters are on {device}: use backend='auto'")
 
 
-def _update(w, g, m, v, mask, ema, start, end, *, decay, lerp_weight, beta2, step_size, bc2_sqrt, eps, clip,
-            neg_lr_s, theta, regrow_theta, ema_keep, ema_new, prunable, prune_step):
-    _ext.update(w, g, m, v, mask, ema, start, end, decay, lerp_weight, beta2, step_size, bc2_sqrt, eps, clip,
-                neg_lr_s, theta, regrow_theta, ema_keep, ema_new, prunable, prune_step)
-
-
-_driver = FusedDriver("cuda", stats=_ext.stats, refine=_ext.refine, update=_update)
+_driver = FusedDriver("cuda", stats=_ext.stats, refine=_ext.refine, update=keyword_update(_ext.update))
 grad_sumsq, select, update = _driver.grad_sumsq, _driver.select, _driver.update

@@ -38,6 +38,17 @@ class _Lump(Exception):
     """The k-th value lies outside the window: redo the first digit in full."""
 
 
+def keyword_update(ext_update):
+    """Adapt a native extension's positional ``update`` to the driver's keyword call."""
+
+    def update(w, g, m, v, mask, ema, start, end, *, decay, lerp_weight, beta2, step_size, bc2_sqrt, eps, clip,
+               neg_lr_s, theta, regrow_theta, ema_keep, ema_new, prunable, prune_step):
+        ext_update(w, g, m, v, mask, ema, start, end, decay, lerp_weight, beta2, step_size, bc2_sqrt, eps, clip,
+                   neg_lr_s, theta, regrow_theta, ema_keep, ema_new, prunable, prune_step)
+
+    return update
+
+
 class FusedDriver:
     def __init__(self, name, stats, refine, update):
         self.name, self.stats, self.refine, self.update_kernel = name, stats, refine, update
