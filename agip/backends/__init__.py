@@ -115,3 +115,21 @@ def cache_dir(kind: str) -> str:
     path = os.path.join(root, tag)
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def load_extension(kind: str, name: str, sources, hint: str = "", **flags):
+    """Compile ``csrc`` sources into an extension (or load the cached build) with
+    ``torch.utils.cpp_extension.load`` and ninja, in :func:`cache_dir` ``(kind)``; rebuilt
+    when a source or flag changes. A failed build raises ImportError naming the cause
+    (so ``backend="auto"`` can fall back with one warning)."""
+    from importlib import resources
+
+    from torch.utils import cpp_extension
+
+    src = resources.files("agip.csrc")
+    try:
+        return cpp_extension.load(name=name, sources=[str(src.joinpath(f)) for f in sources],
+                                  build_directory=cache_dir(kind), **flags)
+    except Exception as e:  # no compiler, no ninja, headers missing...
+        msg = str(e).strip().splitlines()
+        raise ImportError(f"could not build the {kind} backend ({type(e).__name__}: {msg[-1] if msg else e}){hint}") from e

@@ -9,12 +9,10 @@ when that is missing or the build fails.
 """
 from __future__ import annotations
 
-from importlib import resources
-
 import torch
 
-from . import cache_dir
-from .fused import FusedDriver, keyword_update
+from . import load_extension
+from .fused import FusedDriver
 
 if torch.version.cuda is None:
     raise ImportError(
@@ -24,18 +22,8 @@ if torch.version.cuda is None:
 
 
 def build(verbose: bool = False):
-    from torch.utils import cpp_extension
-
-    src = resources.files("agip.csrc")
-    try:
-        return cpp_extension.load(
-            name="agip_cuda", sources=[str(src.joinpath("agip_cuda.cpp")), str(src.joinpath("agip_cuda.cu"))],
-            extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "--fmad=false"],
-            build_directory=cache_dir("cuda"), verbose=verbose,
-        )
-    except Exception as e:
-        msg = str(e).strip().splitlines()
-        raise ImportError(f"could not build the CUDA backend ({type(e).__name__}: {msg[-1] if msg else e})") from e
+    return load_extension("cuda", "agip_cuda", ["agip_cuda.cpp", "agip_cuda.cu"], extra_cflags=["-O3"],
+                          extra_cuda_cflags=["-O3", "--fmad=false"], verbose=verbose)
 
 
 _ext = build()
@@ -46,5 +34,5 @@ def check_device(device: torch.device) -> None:
         raise ValueError(f"backend='cuda' runs on CUDA tensors; these parameters are on {device}: use backend='auto'")
 
 
-_driver = FusedDriver("cuda", stats=_ext.stats, refine=_ext.refine, update=keyword_update(_ext.update))
+_driver = FusedDriver.for_extension("cuda", _ext)
 grad_sumsq, select, update = _driver.grad_sumsq, _driver.select, _driver.update

@@ -53,6 +53,12 @@ class FusedDriver:
     def __init__(self, name, stats, refine, update):
         self.name, self.stats, self.refine, self.update_kernel = name, stats, refine, update
 
+    @classmethod
+    def for_extension(cls, name, ext):
+        """The driver over a native extension exposing ``stats``, ``refine``, ``update``
+        with the signatures of ``csrc/agip_cpu.cpp`` (positional update arguments)."""
+        return cls(name, stats=ext.stats, refine=ext.refine, update=keyword_update(ext.update))
+
     def _scratch(self, flat):
         sc = flat.scratch.get(self.name)
         if sc is None:
