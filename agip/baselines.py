@@ -25,7 +25,7 @@ def _prunable(opt):
 @torch.no_grad()
 def magnitude_masks(opt, ratio: float) -> dict:
     """Global magnitude pruning: prune the floor(ratio * N) smallest |W| over all
-    prunable weights (ties at the threshold pruned, as in SPEC 2.3). Already-pruned
+    prunable weights (ties at the threshold pruned, as in docs/algorithm.md §2.3). Already-pruned
     weights are zero, so they stay pruned."""
     named = list(_prunable(opt))
     if not named:
@@ -39,7 +39,7 @@ def magnitude_masks(opt, ratio: float) -> dict:
 
 
 def gmp_ratio(step: int, total_steps: int, target: float, start: float = 0.05, end: float = 0.75) -> float:
-    """Zhu & Gupta's cubic schedule (SPEC 3, shape 'cubic'), ramping from start*T to end*T."""
+    """Zhu & Gupta's cubic schedule (docs/algorithm.md §3, shape 'cubic'), ramping from start*T to end*T."""
     t0, t1 = start * total_steps, end * total_steps
     if step < t0:
         return 0.0

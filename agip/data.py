@@ -2,7 +2,7 @@
 the user's own text files. Each loader returns ``{"train", "validation", "test"}`` ->
 list of documents (strings).
 
-``wiki-mini`` (DESIGN.md, "The embedded default"): the 107 Wikipedia articles inside
+``wiki-mini`` (docs/design.md, "The embedded default"): the 107 Wikipedia articles inside
 gensim's wheel (``gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2``,
 text CC BY-SA), wiki markup removed by ``gensim.corpora.wikicorpus.filter_wiki`` and
 :func:`clean_wiki`, redirects dropped, split by article deterministically: articles
@@ -72,7 +72,7 @@ def wikitext2(config: str = "wikitext-2-raw-v1") -> Dict[str, List[str]]:
             f"could not load WikiText ({config}) from the Hugging Face hub ({type(e).__name__}: {e}). "
             "Without a network use the embedded corpus (--dataset wiki-mini) or your own files (--dataset PATH)"
         ) from None
-    # WikiText lines are the documents' lines; DESIGN's protocol joins them with "\n\n"
+    # WikiText lines are the documents' lines; docs/design.md's protocol joins them with "\n\n"
     return {s: [ln for ln in ds[s]["text"] if ln.strip()] for s in SPLITS}
 
 
@@ -119,5 +119,5 @@ def load_corpus(name: str) -> Dict[str, List[str]]:
 
 
 def join(docs: List[str]) -> str:
-    """DESIGN's evaluation protocol: documents joined with blank lines."""
+    """docs/design.md's evaluation protocol: documents joined with blank lines."""
     return "\n\n".join(docs)

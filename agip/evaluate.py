@@ -1,4 +1,4 @@
-"""Perplexity by DESIGN.md's protocol (the Hugging Face perplexity guide, SparseGPT/Wanda):
+"""Perplexity by docs/design.md's protocol (the Hugging Face perplexity guide, SparseGPT/Wanda):
 join a split's documents with blank lines, tokenize once, score windows of L tokens.
 
 With ``stride == L`` (the default) the windows do not overlap: every token is scored

@@ -1,4 +1,4 @@
-"""Flat parameter buffers (DESIGN.md, "Flat buffers").
+"""Flat parameter buffers (docs/design.md, "Flat buffers").
 
 Each dtype's parameters are packed into one contiguous bucket holding the weights, the
 gradients and the Adam moments, with the prunable weights first (one segment
@@ -105,7 +105,7 @@ class FlatState:
 
     # --- binding --------------------------------------------------------------------
     def rebind_grads(self) -> None:
-        """Make every ``p.grad`` a view of its bucket again (DESIGN: a replaced grad is
+        """Make every ``p.grad`` a view of its bucket again (docs/design.md: a replaced grad is
         copied back and re-bound, and counted). A missing grad counts as zero.
 
         Checks everything before copying anything, so a bad grad changes no state.

@@ -1,9 +1,9 @@
 """Parameter groups for AGIP: which weights are prunable, which get weight decay.
 
-SPEC section 0: the prunable set P is the weight matrices of the linear projections
+docs/algorithm.md §0: the prunable set P is the weight matrices of the linear projections
 inside the transformer blocks (attention q/k/v/o and the MLP): ``Conv1D.weight`` for
 GPT-2, ``nn.Linear.weight`` for Llama-style models. Embeddings, ``lm_head``, norms and
-biases are trained but never pruned. SPEC section 5: biases, norms and embeddings get
+biases are trained but never pruned. docs/algorithm.md §5: biases, norms and embeddings get
 no weight decay.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def param_groups(
     include: Patterns = None,
     exclude: Patterns = None,
 ) -> list:
-    """Split ``model``'s trainable parameters into AGIP param groups (SPEC 0, 5).
+    """Split ``model``'s trainable parameters into AGIP param groups (docs/algorithm.md §0, 5).
 
     Returns up to three torch param groups, each with a boolean ``"prune"`` key and the
     parameter names (as ``(name, tensor)`` pairs, which torch turns into ``"param_names"``):

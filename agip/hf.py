@@ -8,7 +8,7 @@ hook on the model that hands every training-mode loss to
     model = AutoModelForCausalLM.from_pretrained(...)
     opt = agip.AGIP(agip.param_groups(model), lr=5e-5, target_sparsity=0.3, total_steps=T)
     agip.hf.attach(model, opt)
-    args = TrainingArguments(..., max_steps=T, max_grad_norm=0.0)  # AGIP clips (SPEC 1.3)
+    args = TrainingArguments(..., max_steps=T, max_grad_norm=0.0)  # AGIP clips (docs/algorithm.md §1.3)
     Trainer(model=model, args=args, train_dataset=ds, optimizers=(opt, scheduler)).train()
 
 Set ``max_grad_norm=0.0`` in ``TrainingArguments``: AGIP clips the gradient itself, and

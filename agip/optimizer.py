@@ -1,6 +1,6 @@
 """The AGIP optimizer: the class owns param groups and state; the math lives in backends.
 
-SPEC section 1 gives the order of one step; section 2 the pruning decision; section 3
+docs/algorithm.md §1 gives the order of one step; section 2 the pruning decision; section 3
 the schedule. ``AGIP.step(loss=...)`` runs them in that order.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from .schedule import SHAPES, SparsitySchedule
 
 def ta_scale(loss: float, ghat_sq: float, gamma: float, beta: float, k: float, clip: float, eps: float,
              loss_floor: float = 0.0) -> float:
-    """The terminal-attractor scalar s (SPEC 1.5, eq. 4.9-4.15).
+    """The terminal-attractor scalar s (docs/algorithm.md §1.5, eq. 4.9-4.15).
 
     ``s = gamma * tanh(k E') * E'^beta / (Ghat^2 + eps)`` with ``E' = max(E - E_floor, 0)``;
     if the TA vector ``s * g_hat`` (norm ``s * sqrt(Ghat^2)``) is longer than ``clip``
@@ -46,11 +46,11 @@ def _number(x) -> bool:
 
 class AGIP(torch.optim.Optimizer):
     """Adaptive Gradient-Informed Pruning: a masked AdamW with a terminal-attractor term
-    that prunes the ``prune=True`` param groups while it trains (SPEC sections 1-3, 5).
+    that prunes the ``prune=True`` param groups while it trains (docs/algorithm.md §1-3, 5).
 
     Use ``agip.param_groups(model)`` to build the groups, then call
     ``opt.step(loss=loss)`` after ``loss.backward()``. Parameters and their gradients
-    become views into flat buffers (DESIGN.md): create the optimizer after moving the
+    become views into flat buffers (docs/design.md): create the optimizer after moving the
     model to its device and dtype. ``zero_grad`` always zeroes in place (gradients stay
     bound to the buffers), whatever ``set_to_none`` says.
     """
@@ -175,7 +175,7 @@ class AGIP(torch.optim.Optimizer):
 
         For trainers that call ``optimizer.step()`` themselves (``transformers.Trainer``,
         see :func:`agip.hf.attach`): the next step uses the mean of the losses recorded
-        since the last one, which is E_t under gradient accumulation (SPEC 0).
+        since the last one, which is E_t under gradient accumulation (docs/algorithm.md §0).
         """
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
@@ -211,7 +211,7 @@ class AGIP(torch.optim.Optimizer):
     # --- the step -------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None, *, loss=None):
-        """One AGIP step (SPEC 1): finite check, G^2, clip, AdamW, TA, mask.
+        """One AGIP step (docs/algorithm.md §1): finite check, G^2, clip, AdamW, TA, mask.
 
         ``loss`` is this step's minibatch loss E_t (mean over tokens, after gradient
         accumulation). A non-finite loss or gradient skips the step and changes nothing
@@ -274,7 +274,7 @@ class AGIP(torch.optim.Optimizer):
 
         ``masks`` maps a prunable parameter (or its name in ``param_names``) to a bool
         tensor of its shape (True = keep). Entries set to False get w = m = v = 0 (and a
-        zero saliency EMA), as after an AGIP pruning step (SPEC 1.6). Parameters not in
+        zero saliency EMA), as after an AGIP pruning step (docs/algorithm.md §1.6). Parameters not in
         ``masks`` keep their masks. Everything is checked before anything changes.
         """
         by_name = {n: p for g in self.param_groups for n, p in zip(g.get("param_names", []), g["params"])}
@@ -299,7 +299,7 @@ class AGIP(torch.optim.Optimizer):
                 st["saliency_ema"].masked_fill_(drop, 0)
 
     def _skip(self, t: int, what: str, loss):
-        """SPEC 1.1: a non-finite loss or gradient skips the step; only the counter moves."""
+        """docs/algorithm.md §1.1: a non-finite loss or gradient skips the step; only the counter moves."""
         self.skipped_steps += 1
         if not self._warned_skip:
             warnings.warn(f"AGIP skipped step {t}: non-finite {what} (nothing was updated; skipped_steps counts "
@@ -319,7 +319,7 @@ class AGIP(torch.optim.Optimizer):
 
     def sparsity_report(self) -> dict:
         """Achieved sparsity over the prunable set and over all parameters, per-layer
-        density, R_t, theta, regrown count and skipped steps (SPEC 2.4)."""
+        density, R_t, theta, regrown count and skipped steps (docs/algorithm.md §2.4)."""
         flat = self._flat
         names, sums, sizes = [], [], []
         for b, s in flat.prunable_slots():
@@ -408,7 +408,7 @@ class AGIP(torch.optim.Optimizer):
 
 
 class TAAdamW(AGIP):
-    """AdamW with the terminal-attractor term and no pruning (SPEC 1 with R_t = 0).
+    """AdamW with the terminal-attractor term and no pruning (docs/algorithm.md §1 with R_t = 0).
 
     A drop-in for ``torch.optim.AdamW`` (plus ``clip_grad_norm_``) whose ``step`` takes
     ``loss=``; with ``ta_gamma=0`` it is plain AdamW with gradient clipping.

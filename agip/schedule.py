@@ -1,4 +1,4 @@
-"""The sparsity schedule R_t with the loss-stability factor (SPEC section 3, eq. 4.6, 4.7)."""
+"""The sparsity schedule R_t with the loss-stability factor (docs/algorithm.md §3, eq. 4.6, 4.7)."""
 from __future__ import annotations
 
 import math
@@ -13,7 +13,7 @@ class SparsitySchedule:
 
     ``target`` is R_target over the prunable set. ``total_steps`` (T), when known, gives the
     defaults ``t_warmup = floor(0.05 T)``, ``tau = 0.15 T``, ``t_end = 0.75 T`` and makes the
-    last pruning step at or before T snap to exactly ``target`` (SPEC 3).
+    last pruning step at or before T snap to exactly ``target`` (docs/algorithm.md §3).
     """
 
     def __init__(
@@ -72,7 +72,7 @@ class SparsitySchedule:
 
     # --- the math -------------------------------------------------------------------
     def is_pruning_step(self, t: int) -> bool:
-        """SPEC 2: any t >= t_warmup with (t - t_warmup) % prune_interval == 0."""
+        """docs/algorithm.md §2: any t >= t_warmup with (t - t_warmup) % prune_interval == 0."""
         return self.target > 0 and t >= self.warmup_steps and (t - self.warmup_steps) % self.prune_interval == 0
 
     def base(self, t: int) -> float:

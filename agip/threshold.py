@@ -1,4 +1,4 @@
-"""Exact k-th smallest selection by radix select on the float bits (SPEC 2.3).
+"""Exact k-th smallest selection by radix select on the float bits (docs/algorithm.md §2.3).
 
 Non-negative fp32 values (+0 through +inf) order exactly like their bit patterns read
 as unsigned integers, so the k-th smallest value can be found digit by digit: count the

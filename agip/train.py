@@ -229,7 +229,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
                 loss = model(x, labels=x).loss
             (loss / cfg.grad_accum).backward()
             losses.append(loss.item())
-        E = sum(losses) / len(losses)  # SPEC 0: the mean of the micro-batch losses
+        E = sum(losses) / len(losses)  # docs/algorithm.md §0: the mean of the micro-batch losses
         lr = sched.get_last_lr()[0]
         opt.step(loss=E)
         sched.step()

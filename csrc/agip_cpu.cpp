@@ -1,6 +1,6 @@
 // AGIP step on the CPU: the three passes of the fused backends (stats, refine, update)
-// as vectorizable, multi-threaded loops over one flat bucket. SPEC sections 1-2;
-// DESIGN.md "The way data flows". Compiled on first use by agip/backends/cpp.py with
+// as vectorizable, multi-threaded loops over one flat bucket. docs/algorithm.md §1-2;
+// docs/design.md "The way data flows". Compiled on first use by agip/backends/cpp.py with
 // -O3 -march=native -fopenmp -ffp-contract=off (no fused multiply-adds: the saliency
 // and its EMA must round exactly as the reference backend does, so masks are identical).
 //

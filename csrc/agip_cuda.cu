@@ -1,7 +1,7 @@
 // AGIP step on CUDA: the three passes of the fused backends (stats, refine, update) as
 // plain CUDA kernels with extern "C" launchers (no torch headers: they compile with nvcc
 // alone, e.g. `nvcc -c -arch=sm_75 csrc/agip_cuda.cu` for a T4, sm_90 for H100/H200).
-// Bound to Python by csrc/agip_cuda.cpp. SPEC sections 1-2; same semantics as
+// Bound to Python by csrc/agip_cuda.cpp. docs/algorithm.md §1-2; same semantics as
 // csrc/agip_cpu.cpp and kernels/*.py. fp32 buffers.
 //
 // Rounding: the saliency and its EMA use __fmul_rn / __fadd_rn (never contracted into

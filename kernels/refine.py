@@ -1,5 +1,5 @@
 """Pass B of the AGIP step (pruning steps only): the low-16-bit histogram of the values
-whose top 16 bits equal the selected bin, which makes the threshold exact (SPEC 2.3).
+whose top 16 bits equal the selected bin, which makes the threshold exact (docs/algorithm.md §2.3).
 
 Bytes per parameter of the prunable segment: reads the mask (1 B), g (4 B) and, for the
 saliency (mode 0), w (4 B) (+4 B with a saliency EMA): <= 9 B (13 B); int32 histogram

@@ -1,4 +1,4 @@
-"""Pass A of the AGIP step: G^2 partial sums and the radix-select histograms (SPEC 1.2, 2).
+"""Pass A of the AGIP step: G^2 partial sums and the radix-select histograms (docs/algorithm.md §1.2, 2).
 
 Bytes per parameter (fp32 buffers, 1-byte mask): a non-pruning step reads g (4 B) and,
 for prunable entries, the mask (1 B): <= 5 B. A pruning step also reads w (4 B) of the

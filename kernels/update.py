@@ -1,5 +1,5 @@
 """Pass C of the AGIP step: clip, AdamW, terminal attractor, new mask, saliency EMA and
-``w, m, v * M'`` in one read and one write of each buffer (SPEC 1.3-1.6, 2).
+``w, m, v * M'`` in one read and one write of each buffer (docs/algorithm.md §1.3-1.6, 2).
 
 Bytes per parameter (fp32): reads w, g, m, v (16 B) and writes w, m, v (12 B): 28 B for
 non-prunable entries; prunable entries also read the mask (1 B), and on pruning steps

@@ -35,7 +35,7 @@ def make_flat(layout, seed=0, pruned=0.3, ema=False, device="cpu", dtype=torch.f
         b.w[: min(P, 10)] = 0.25
         b.g[: min(P, 10)] = 2.0
         b.g[P : P + 3] = 0.0
-        # the invariant of SPEC 0: pruned entries hold w = m = v = 0 (and a zero EMA)
+        # the invariant of docs/algorithm.md §0: pruned entries hold w = m = v = 0 (and a zero EMA)
         mask = torch.rand(P, generator=g) >= pruned
         b.mask.copy_(mask)
         b.w[:P][~mask] = 0

@@ -1,4 +1,4 @@
-"""Must show 1: no pruning and no TA is torch.optim.AdamW + clip_grad_norm_ (SPEC 1)."""
+"""Must show 1: no pruning and no TA is torch.optim.AdamW + clip_grad_norm_ (docs/algorithm.md §1)."""
 import copy
 
 import pytest

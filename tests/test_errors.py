@@ -1,5 +1,5 @@
 """Must show 8: bad input raises a clear error before any state changes; a NaN loss or a
-non-finite gradient skips the step and changes nothing but skipped_steps (SPEC 1.1)."""
+non-finite gradient skips the step and changes nothing but skipped_steps (docs/algorithm.md §1.1)."""
 import math
 
 import pytest

@@ -1,5 +1,5 @@
 """Must show 3 and 4: the run ends at exactly floor(R N) pruned; pruned entries hold
-w = m = v = 0; non-prunable parameters are never zeroed; regrowth (SPEC 1.6, 2.2)."""
+w = m = v = 0; non-prunable parameters are never zeroed; regrowth (docs/algorithm.md §1.6, 2.2)."""
 import math
 
 import pytest

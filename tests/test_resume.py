@@ -1,5 +1,5 @@
 """Must show 6: 10 steps -> state_dict -> fresh model + optimizer -> 10 steps is
-bit-identical to 20 straight steps (DESIGN: a resumed run continues bit for bit)."""
+bit-identical to 20 straight steps (docs/design.md: a resumed run continues bit for bit)."""
 import io
 
 import pytest

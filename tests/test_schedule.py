@@ -1,4 +1,4 @@
-"""Must show 5: R_t against closed forms; stability factor; monotone; snaps (SPEC 3)."""
+"""Must show 5: R_t against closed forms; stability factor; monotone; snaps (docs/algorithm.md §3)."""
 import math
 
 import pytest

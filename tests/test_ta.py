@@ -1,5 +1,5 @@
 """Must show 7: with ta_gamma > 0 the step differs from AdamW's by exactly lr * s * g_hat,
-s as in SPEC 1.5 with the TA clip C (eq. 4.9-4.15), against a hand computation."""
+s as in docs/algorithm.md §1.5 with the TA clip C (eq. 4.9-4.15), against a hand computation."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""Must show 2: the global threshold is exact (SPEC 2.3)."""
+"""Must show 2: the global threshold is exact (docs/algorithm.md §2.3)."""
 import math
 
 import pytest

@@ -2,14 +2,14 @@
 
 Like ``torch/optim/adamw.py``'s single-tensor / foreach / fused split, the optimizer
 class owns the state and each backend module provides the same three functions over an
-:class:`agip.flat.FlatState` (DESIGN.md, "The way data flows"):
+:class:`agip.flat.FlatState` (docs/design.md, "The way data flows"):
 
 - ``grad_sumsq(flat, plan) -> float``: pass A, G^2 = sum of (g * M)^2 over prunable entries
-  plus g^2 over the rest (SPEC 1.2); non-finite when any gradient entry is. On pruning
+  plus g^2 over the rest (docs/algorithm.md §1.2); non-finite when any gradient entry is. On pruning
   steps a fused backend also gathers what ``select`` needs in the same read.
 - ``select(flat, plan) -> Selection``: on pruning steps, the exact regrowth threshold and
-  the exact global saliency threshold theta (SPEC 2.2, 2.3), from pre-update w and raw g.
-- ``update(flat, plan)``: clip, AdamW, TA, the new mask and ``w, m, v * M'`` (SPEC 1.3-1.6).
+  the exact global saliency threshold theta (docs/algorithm.md §2.2, 2.3), from pre-update w and raw g.
+- ``update(flat, plan)``: clip, AdamW, TA, the new mask and ``w, m, v * M'`` (docs/algorithm.md §1.3-1.6).
 
 Every backend is tested against ``reference``: masks and theta bit-identical; w, m, v
 within a few fp32 ulps.
@@ -43,10 +43,10 @@ class StepPlan:
     """Everything one step needs beyond the buffers: host-side scalars, decided up front."""
 
     step: int  # t, 1-based, after this step
-    clip: float  # c (SPEC 1.3)
-    ta_scale: float  # s (SPEC 1.5), already TA-clipped; 0 disables TA
+    clip: float  # c (docs/algorithm.md §1.3)
+    ta_scale: float  # s (docs/algorithm.md §1.5), already TA-clipped; 0 disables TA
     groups: List[GroupHyper] = field(default_factory=list)
-    prune: bool = False  # a pruning step: compute M' (SPEC 2)
+    prune: bool = False  # a pruning step: compute M' (docs/algorithm.md §2)
     k: int = 0  # entries to prune: floor(R_t * N)
     regrow_fraction: float = 0.0  # phi
     # Saliency EMA S <- keep * S + new * |w g|, constants rounded to fp32 once here so
@@ -99,7 +99,7 @@ def resolve(name: str, device: torch.device):
 
 
 def regrow_counts(n_pruned: int, regrow_fraction: float):
-    """SPEC 2.2: n_g = floor(phi * #pruned) regrow; the other #pruned - n_g stay pruned."""
+    """docs/algorithm.md §2.2: n_g = floor(phi * #pruned) regrow; the other #pruned - n_g stay pruned."""
     n_g = int(math.floor(regrow_fraction * n_pruned))
     return n_g, n_pruned - n_g
 

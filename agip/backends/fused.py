@@ -1,5 +1,5 @@
 """The host side shared by the fused backends (``triton``, ``cpp``): three passes per
-bucket and the exact radix select over their histograms (SPEC 2.2, 2.3).
+bucket and the exact radix select over their histograms (docs/algorithm.md §2.2, 2.3).
 
 A fused backend supplies three kernels with one signature each:
 
@@ -115,7 +115,7 @@ class FusedDriver:
         return histogram
 
     def select(self, flat, plan: StepPlan) -> Selection:
-        """Exact regrowth threshold, then the exact global saliency threshold (SPEC 2.2, 2.3)."""
+        """Exact regrowth threshold, then the exact global saliency threshold (docs/algorithm.md §2.2, 2.3)."""
         sc = self._scratch(flat)
         n_pruned = flat.n_prunable - int(sc["sal"].sum())  # lumps included: every active entry
         regrow_theta, n_regrown = math.inf, 0
@@ -144,7 +144,7 @@ class FusedDriver:
         return Selection(theta=theta, regrow_theta=regrow_theta, n_regrown=n_regrown)
 
     def update(self, flat, plan: StepPlan) -> None:
-        """Pass C over each param group's range of each bucket (SPEC 1.3-1.6)."""
+        """Pass C over each param group's range of each bucket (docs/algorithm.md §1.3-1.6)."""
         t = plan.step
         for b in flat.buckets:
             for gi, start, end in b.ranges:

@@ -1,4 +1,4 @@
-"""Reference backend: plain PyTorch, written to be obviously right (SPEC sections 1-2).
+"""Reference backend: plain PyTorch, written to be obviously right (docs/algorithm.md §1-2).
 
 Every other backend is tested against this one. Math is in fp32 (fp64 for G^2); the
 AdamW lines mirror ``torch.optim.AdamW``'s single-tensor code line by line, so that with
@@ -14,7 +14,7 @@ from . import Selection, StepPlan, regrow_counts
 
 
 def kth_smallest(values: torch.Tensor, k: int) -> float:
-    """The exact k-th smallest value (1-based) of ``values`` (SPEC 2.3).
+    """The exact k-th smallest value (1-based) of ``values`` (docs/algorithm.md §2.3).
 
     ``torch.kthvalue`` is a selection: it returns one of the input elements and does no
     arithmetic on them, so the result is exact (ties, zeros and +inf included).
@@ -25,7 +25,7 @@ def kth_smallest(values: torch.Tensor, k: int) -> float:
 
 
 def grad_sumsq(flat, plan: StepPlan) -> float:
-    """Pass A: G^2 = sum (g*M)^2 + sum g^2 (SPEC 1.2), accumulated in fp64."""
+    """Pass A: G^2 = sum (g*M)^2 + sum g^2 (docs/algorithm.md §1.2), accumulated in fp64."""
     total = 0.0
     for b in flat.buckets:
         P = b.n_prunable
@@ -37,7 +37,7 @@ def grad_sumsq(flat, plan: StepPlan) -> float:
 
 
 def saliency(b, plan: StepPlan) -> torch.Tensor:
-    """S = |w * g| in fp32 from pre-update w and raw g (eq. 4.4), or its EMA (SPEC 2.1).
+    """S = |w * g| in fp32 from pre-update w and raw g (eq. 4.4), or its EMA (docs/algorithm.md §2.1).
 
     Pruned entries have w = 0 and a zero EMA, so their S is 0. The EMA is two separately
     rounded products and a sum (no fused multiply-add), which every backend reproduces.
@@ -50,12 +50,12 @@ def saliency(b, plan: StepPlan) -> torch.Tensor:
 
 
 def regrown(b, plan: StepPlan) -> torch.Tensor:
-    """Pruned entries whose raw |g| exceeds the regrowth threshold (SPEC 2.2)."""
+    """Pruned entries whose raw |g| exceeds the regrowth threshold (docs/algorithm.md §2.2)."""
     return ~b.mask & (b.g[: b.n_prunable].float().abs() > plan.regrow_theta)
 
 
 def select(flat, plan: StepPlan) -> Selection:
-    """Exact regrowth threshold, then the exact global saliency threshold (SPEC 2.2, 2.3)."""
+    """Exact regrowth threshold, then the exact global saliency threshold (docs/algorithm.md §2.2, 2.3)."""
     regrow_theta = math.inf
     if plan.regrow_fraction > 0:
         pruned_absg = torch.cat([b.g[: b.n_prunable].float().abs()[~b.mask] for b in flat.buckets])
@@ -74,7 +74,7 @@ def select(flat, plan: StepPlan) -> Selection:
 
 
 def update(flat, plan: StepPlan) -> None:
-    """Pass C: clip, AdamW, TA, new mask, ``w, m, v * M'`` (SPEC 1.3-1.6, eq. 4.9-4.15)."""
+    """Pass C: clip, AdamW, TA, new mask, ``w, m, v * M'`` (docs/algorithm.md §1.3-1.6, eq. 4.9-4.15)."""
     t = plan.step
     for b in flat.buckets:
         P = b.n_prunable
@@ -100,7 +100,7 @@ def update(flat, plan: StepPlan) -> None:
             step_size = h.lr / (1 - h.beta1**t)
             denom = (vf.sqrt() / math.sqrt(1 - h.beta2**t)).add_(h.eps)
             wf.addcdiv_(mf, denom, value=-step_size)
-            # terminal attractor: w -= lr * s * g_hat (SPEC 1.5)
+            # terminal attractor: w -= lr * s * g_hat (docs/algorithm.md §1.5)
             if plan.ta_scale != 0:
                 wf.add_(grad, alpha=-h.lr * plan.ta_scale)
             if wf.data_ptr() != w.data_ptr():  # low-precision params: write back
