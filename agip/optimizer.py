@@ -35,6 +35,20 @@ def ta_scale(loss: float, ghat_sq: float, gamma: float, beta: float, k: float, c
     return s
 
 
+SALIENCIES = ("taylor", "fisher")
+FISHER_POWERS = {0.0: 0, 0.25: 1, 0.5: 2, 1.0: 4}  # p -> q = 4p: v_t^p with square roots only
+
+# The settings a preset decides (algorithm.md §5). Arguments passed explicitly win.
+# "thesis": the thesis' method exactly. "default": the product default, chosen on
+# validation data (README, "Quality study"): the Fisher score of algorithm.md §2.1b.
+PRESETS = {
+    "thesis": dict(saliency="taylor", fisher_power=0.5, schedule="exp", prune_interval=1, ta_gamma=1.0,
+                   stability=True),
+    "default": dict(saliency="fisher", fisher_power=0.5, schedule="cubic", prune_interval=1, ta_gamma=0.0,
+                    stability=False),
+}
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
@@ -65,24 +79,39 @@ class AGIP(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.01,
         max_grad_norm: Optional[float] = 1.0,
-        ta_gamma: float = 1.0,
+        ta_gamma: Optional[float] = None,
         ta_beta: float = 0.5,
         ta_k: float = 1.0,
         ta_clip: float = 1.0,
         ta_eps: float = 1e-8,
         ta_loss_floor: float = 0.0,
         target_sparsity: float = 0.3,
-        schedule: str = "exp",
+        schedule: Optional[str] = None,
         total_steps: Optional[int] = None,
         warmup_steps: Optional[int] = None,
         tau: Optional[float] = None,
-        prune_interval: int = 1,
+        prune_interval: Optional[int] = None,
         regrow_fraction: float = 0.0,
         saliency_ema: float = 0.0,
-        stability: bool = True,
+        stability: Optional[bool] = None,
         stability_window: int = 50,
         backend: str = "auto",
+        saliency: Optional[str] = None,
+        fisher_power: Optional[float] = None,
+        preset: str = "default",
     ):
+        _check(preset in PRESETS, f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
+        chosen = PRESETS[preset]
+        ta_gamma = chosen["ta_gamma"] if ta_gamma is None else ta_gamma
+        schedule = chosen["schedule"] if schedule is None else schedule
+        prune_interval = chosen["prune_interval"] if prune_interval is None else prune_interval
+        stability = chosen["stability"] if stability is None else stability
+        saliency = chosen["saliency"] if saliency is None else saliency
+        fisher_power = chosen["fisher_power"] if fisher_power is None else fisher_power
+        _check(saliency in SALIENCIES, f"saliency must be one of {SALIENCIES}, got {saliency!r}")
+        _check(_number(fisher_power) and float(fisher_power) in FISHER_POWERS,
+               f"fisher_power must be one of {sorted(FISHER_POWERS)} (v_t^p is computed with square roots "
+               f"so that every backend rounds alike), got {fisher_power!r}")
         _check(max_grad_norm is None or (_number(max_grad_norm) and max_grad_norm > 0),
                f"max_grad_norm must be > 0 or None (no clipping), got {max_grad_norm!r}")
         _check(_number(ta_gamma) and ta_gamma >= 0, f"ta_gamma must be >= 0 (0 disables TA), got {ta_gamma!r}")
@@ -108,7 +137,8 @@ class AGIP(torch.optim.Optimizer):
             target_sparsity=float(target_sparsity), schedule=schedule, total_steps=total_steps,
             warmup_steps=warmup_steps, tau=tau, prune_interval=prune_interval,
             regrow_fraction=float(regrow_fraction), saliency_ema=float(saliency_ema),
-            stability=bool(stability), stability_window=stability_window,
+            stability=bool(stability), stability_window=stability_window, saliency=saliency,
+            fisher_power=float(fisher_power), preset=preset,
         )
         self.schedule = SparsitySchedule(
             target_sparsity, schedule, total_steps, warmup_steps, tau, prune_interval, stability, stability_window
@@ -122,6 +152,8 @@ class AGIP(torch.optim.Optimizer):
                 f"target_sparsity={target_sparsity} but no param group has prune=True: build the groups "
                 "with agip.param_groups(model), or pass target_sparsity=0"
             )
+        if saliency == "fisher":
+            self._fisher_beta2()  # refuse prunable groups with different beta2 now, not at the first step
         self.backend = backends.resolve(backend, self._flat.device)
         for b in self._flat.buckets:
             for s in b.slots:
@@ -169,6 +201,18 @@ class AGIP(torch.optim.Optimizer):
                     f"a parameter with requires_grad=False was given{where}: leave frozen parameters "
                     "out of the optimizer (agip.param_groups does)"
                 )
+
+    def _fisher_beta2(self) -> float:
+        """The beta2 that all prunable groups share (algorithm.md §2.1b: the bias correction
+        then does not change the order of the Fisher score)."""
+        b2 = {g["betas"][1] for g in self.param_groups if g["prune"]}
+        if len(b2) > 1:
+            raise ValueError(
+                f"saliency='fisher' ranks |w| * v^p across all prunable groups, which needs one beta2 for all of "
+                f"them (else Adam's bias correction would change the order); got beta2 = {sorted(b2)}: give the "
+                "prunable groups the same betas, or use saliency='taylor'"
+            )
+        return b2.pop() if b2 else 0.999
 
     def record_loss(self, loss) -> None:
         """Remember a (micro-batch) loss for the next ``step()`` called without ``loss=``.
@@ -245,6 +289,9 @@ class AGIP(torch.optim.Optimizer):
             k=int(math.floor(ratio * flat.n_prunable)),
             regrow_fraction=cfg["regrow_fraction"], ema_keep=keep, ema_new=new,
         )
+        if cfg["saliency"] == "fisher":
+            plan.fisher_q = FISHER_POWERS[cfg["fisher_power"]]
+            plan.fisher_beta2, plan.fisher_omb2 = StepPlan.fisher_constants(self._fisher_beta2())
         G2 = self.backend.grad_sumsq(flat, plan)
         if not math.isfinite(G2):
             return self._skip(t, "gradient", loss)

@@ -49,8 +49,8 @@ def main(argv=None):
     rows = {}
     s = (w * g).abs()
 
-    def kth():
-        return float(torch.kthvalue(s.cpu() if device.type == "cuda" else s, k).values)
+    def kth():  # on the device the saliencies live on (torch.kthvalue runs on CUDA too)
+        return float(torch.kthvalue(s, k).values)
 
     rows["torch.kthvalue"] = kth
     for name in names:
@@ -61,7 +61,7 @@ def main(argv=None):
         plan = StepPlan(step=1, clip=1.0, ta_scale=0.0, groups=[GroupHyper(0.0, 0.0, 0.9, 0.999, 1e-8)],
                         prune=True, k=k)
 
-        def select(module=module, flat=flat, plan=plan, cold=False):
+        def select(module=module, flat=flat, plan=plan, name=name, cold=False):
             if cold:  # no previous theta: the first pruning step histograms every entry
                 flat.scratch.get(name, {}).pop("theta_bin", None)
             module.grad_sumsq(flat, plan)
@@ -85,6 +85,7 @@ def main(argv=None):
     with open(out, "w") as f:
         json.dump({"device": device_name(device), "n": args.n, "k": k, "reps": args.reps, "rows": out_rows}, f, indent=2)
     print(f"wrote {out}")
+    return out_rows
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -32,26 +33,70 @@ inline uint32_t float_bits(float x) {
   return b;
 }
 
-// Saliency |w g| (eq. 4.4) or its EMA, as two separately rounded products and a sum.
-template <bool HAS_EMA, typename T>
-inline float saliency(const T* __restrict__ w, const T* __restrict__ g, const float* __restrict__ ema, int64_t i,
-                      float keep, float fresh) {
-  float s = std::fabs(static_cast<float>(w[i]) * static_cast<float>(g[i]));
-  if constexpr (HAS_EMA) s = ema[i] * keep + s * fresh;
+// The score's constants, rounded to fp32 once on the host (every backend multiplies by
+// the very same numbers). fisher_q < 0: Taylor |w g|; else Fisher |w| v_t^(q/4).
+struct ScoreArgs {
+  float keep, fresh, clip, beta2, omb2;
+};
+
+// v_t^(Q/4) with correctly rounded square roots only, so every backend rounds alike.
+template <int Q>
+inline float fisher_factor(float vt) {
+  if constexpr (Q == 0) return 1.f;
+  else if constexpr (Q == 1) return std::sqrt(std::sqrt(vt));
+  else if constexpr (Q == 2) return std::sqrt(vt);
+  else return vt;
+}
+
+// The score of entry i (algorithm.md §2.1, §2.1b) from pre-update w, raw g (Taylor) or
+// v_t = beta2 v + (1 - beta2) ghat^2 with ghat = g M c (Fisher), then its EMA; every
+// product and sum rounded separately, in the reference backend's order.
+template <int SCORE, bool HAS_EMA, typename T>
+inline float saliency(const T* __restrict__ w, const T* __restrict__ g, const T* __restrict__ v,
+                      const uint8_t* __restrict__ mk, const float* __restrict__ ema, int64_t i, const ScoreArgs& a) {
+  float s;
+  if constexpr (SCORE < 0) {
+    s = std::fabs(static_cast<float>(w[i]) * static_cast<float>(g[i]));
+  } else {
+    const float ghat = static_cast<float>(g[i]) * static_cast<float>(mk[i]) * a.clip;
+    const float vt = static_cast<float>(v[i]) * a.beta2 + a.omb2 * ghat * ghat;
+    s = std::fabs(static_cast<float>(w[i])) * fisher_factor<SCORE>(vt);
+  }
+  if constexpr (HAS_EMA) s = ema[i] * a.keep + s * a.fresh;
   return s;
+}
+
+// Calls f(std::integral_constant<int, SCORE>, std::bool_constant<HAS_EMA>) for the runtime
+// score and EMA, so the hot loops are compiled once per case (and vectorize).
+template <typename F>
+void with_score(int64_t fisher_q, bool has_ema, F&& f) {
+  auto ema_case = [&](auto score) {
+    if (has_ema) f(score, std::true_type{});
+    else f(score, std::false_type{});
+  };
+  switch (fisher_q) {
+    case -1: return ema_case(std::integral_constant<int, -1>{});
+    case 0: return ema_case(std::integral_constant<int, 0>{});
+    case 1: return ema_case(std::integral_constant<int, 1>{});
+    case 2: return ema_case(std::integral_constant<int, 2>{});
+    case 4: return ema_case(std::integral_constant<int, 4>{});
+    default: TORCH_CHECK(false, "fisher_q must be -1 (Taylor) or 0, 1, 2, 4 (Fisher power x 4), got ", fisher_q);
+  }
 }
 
 // The first-digit bins of one tile of the prunable segment: saliency of active entries
 // (SALIENCY) or |g| of pruned ones. Bins outside [lo, hi] are only counted (below /
 // above, no scatter) and get SKIP, as do entries not counted. Branch-free: vectorizes.
-template <bool SALIENCY, bool HAS_EMA, typename T>
-void tile_bins(const T* __restrict__ w, const T* __restrict__ g, const uint8_t* __restrict__ mk,
-               const float* __restrict__ ema, int64_t t0, int64_t len, float keep, float fresh, uint32_t lo,
-               uint32_t hi, uint32_t* __restrict__ bins, int64_t& below, int64_t& above) {
+template <bool SALIENCY, int SCORE, bool HAS_EMA, typename T>
+void tile_bins(const T* __restrict__ w, const T* __restrict__ g, const T* __restrict__ v,
+               const uint8_t* __restrict__ mk, const float* __restrict__ ema, int64_t t0, int64_t len,
+               const ScoreArgs a, uint32_t lo, uint32_t hi, uint32_t* __restrict__ bins, int64_t& below,
+               int64_t& above) {
   int64_t nb = 0, na = 0;
   for (int64_t j = 0; j < len; ++j) {
     const int64_t i = t0 + j;
-    const float s = SALIENCY ? saliency<HAS_EMA>(w, g, ema, i, keep, fresh) : std::fabs(static_cast<float>(g[i]));
+    const float s =
+        SALIENCY ? saliency<SCORE, HAS_EMA>(w, g, v, mk, ema, i, a) : std::fabs(static_cast<float>(g[i]));
     const bool counted = SALIENCY ? mk[i] != 0 : mk[i] == 0;
     const uint32_t b = float_bits(s) >> 16;
     nb += counted && b < lo;
@@ -63,14 +108,15 @@ void tile_bins(const T* __restrict__ w, const T* __restrict__ g, const uint8_t* 
 }
 
 // Pass B's tile: low-digit bins of the counted values whose top 16 bits equal prefix.
-template <bool SALIENCY, bool HAS_EMA, typename T>
-int64_t tile_low_bins(const T* __restrict__ w, const T* __restrict__ g, const uint8_t* __restrict__ mk,
-                      const float* __restrict__ ema, int64_t t0, int64_t len, float keep, float fresh,
-                      uint32_t want, uint32_t* __restrict__ bins) {
+template <bool SALIENCY, int SCORE, bool HAS_EMA, typename T>
+int64_t tile_low_bins(const T* __restrict__ w, const T* __restrict__ g, const T* __restrict__ v,
+                      const uint8_t* __restrict__ mk, const float* __restrict__ ema, int64_t t0, int64_t len,
+                      const ScoreArgs a, uint32_t want, uint32_t* __restrict__ bins) {
   int64_t hits = 0;
   for (int64_t j = 0; j < len; ++j) {
     const int64_t i = t0 + j;
-    const float s = SALIENCY ? saliency<HAS_EMA>(w, g, ema, i, keep, fresh) : std::fabs(static_cast<float>(g[i]));
+    const float s =
+        SALIENCY ? saliency<SCORE, HAS_EMA>(w, g, v, mk, ema, i, a) : std::fabs(static_cast<float>(g[i]));
     const uint32_t b = float_bits(s);
     const bool hit = (SALIENCY ? mk[i] != 0 : mk[i] == 0) && (b >> 16) == want;
     bins[j] = hit ? (b & 0xFFFF) : SKIP;
@@ -137,16 +183,24 @@ void check_hist(const torch::Tensor& h) {
   TORCH_CHECK(h.scalar_type() == at::kInt && h.numel() == HIST_BINS && h.is_contiguous(), "histograms must be int32[65536]");
 }
 
-// Pass A. Returns per-chunk partial sums of (g*M)^2 (fp64). On pruning steps adds the
-// top-16-bit histogram of the saliency of active prunable entries to sal_hist and, with
-// regrowth, that of |g| of pruned entries to grow_hist. Saliency bins outside the
-// window [sal_lo, sal_hi] are lumped into bins sal_lo - 1 and sal_hi + 1.
-torch::Tensor stats(torch::Tensor g, torch::Tensor w, torch::Tensor mask, c10::optional<torch::Tensor> ema,
-                    int64_t n_prunable, bool with_saliency, bool regrow, double ema_keep, double ema_new,
+ScoreArgs score_args(double clip, double beta2, double omb2, double ema_keep, double ema_new) {
+  return ScoreArgs{static_cast<float>(ema_keep), static_cast<float>(ema_new), static_cast<float>(clip),
+                   static_cast<float>(beta2), static_cast<float>(omb2)};
+}
+
+// Pass A. Returns per-chunk partial sums of (g*M)^2 (fp64). With with_saliency, adds the
+// top-16-bit histogram of the score of active prunable entries to sal_hist and, with
+// regrowth, that of |g| of pruned entries to grow_hist. Score bins outside the window
+// [sal_lo, sal_hi] are lumped into bins sal_lo - 1 and sal_hi + 1. The Fisher score
+// needs the clip factor, so the driver calls this a second time for it, once G^2 is known.
+torch::Tensor stats(torch::Tensor g, torch::Tensor w, torch::Tensor v, torch::Tensor mask,
+                    c10::optional<torch::Tensor> ema, int64_t n_prunable, bool with_saliency, bool regrow,
+                    int64_t fisher_q, double clip, double beta2, double omb2, double ema_keep, double ema_new,
                     int64_t sal_lo, int64_t sal_hi, torch::Tensor sal_hist, torch::Tensor grow_hist) {
   TORCH_CHECK(0 <= sal_lo && sal_lo <= sal_hi && sal_hi < HIST_BINS, "bad saliency window");
   check_bucket(g, "g");
   check_bucket(w, "w");
+  check_bucket(v, "v");
   TORCH_CHECK(mask.numel() == n_prunable, "mask must have n_prunable entries");
   check_hist(sal_hist);
   check_hist(grow_hist);
@@ -158,85 +212,93 @@ torch::Tensor stats(torch::Tensor g, torch::Tensor w, torch::Tensor mask, c10::o
   const float* em = ema.has_value() ? ema->data_ptr<float>() : nullptr;
   int32_t* sh = sal_hist.data_ptr<int32_t>();
   int32_t* gh = grow_hist.data_ptr<int32_t>();
-  const float keep = static_cast<float>(ema_keep), fresh = static_cast<float>(ema_new);
+  const ScoreArgs sa = score_args(clip, beta2, omb2, ema_keep, ema_new);
   with_saliency = with_saliency && n_prunable > 0;
   regrow = regrow && n_prunable > 0;
   std::mutex mu;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "agip_stats", [&] {
     const scalar_t* gp = g.data_ptr<scalar_t>();
     const scalar_t* wp = w.data_ptr<scalar_t>();
-    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-      LocalHist ls, lg;
-      if (with_saliency) ls.init();
-      if (regrow) lg.init();
-      uint32_t sbins[TILE], gbins[TILE];
-      int64_t below = 0, above = 0, unused = 0;
-      const uint32_t win_lo = static_cast<uint32_t>(sal_lo), win_hi = static_cast<uint32_t>(sal_hi);
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t lo = c * CHUNK, hi = std::min(n, lo + CHUNK), mid = std::clamp(n_prunable, lo, hi);
-        part[c] = sumsq<true>(gp, mk, lo, mid) + sumsq<false>(gp, mk, mid, hi);
-        if (!with_saliency && !regrow) continue;
-        for (int64_t t0 = lo; t0 < mid; t0 += TILE) {
-          const int64_t len = std::min(TILE, mid - t0);
-          if (with_saliency) {
-            if (em != nullptr)
-              tile_bins<true, true>(wp, gp, mk, em, t0, len, keep, fresh, win_lo, win_hi, sbins, below, above);
-            else
-              tile_bins<true, false>(wp, gp, mk, em, t0, len, keep, fresh, win_lo, win_hi, sbins, below, above);
-            ls.count(sbins, len);
-          }
-          if (regrow) {
-            tile_bins<false, false>(wp, gp, mk, em, t0, len, keep, fresh, 0, HIST_BINS - 1, gbins, unused, unused);
-            lg.count(gbins, len);
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    with_score(fisher_q, em != nullptr, [&](auto score, auto has_ema) {
+      constexpr int SCORE = decltype(score)::value;
+      constexpr bool HAS_EMA = decltype(has_ema)::value;
+      at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+        LocalHist ls, lg;
+        if (with_saliency) ls.init();
+        if (regrow) lg.init();
+        uint32_t sbins[TILE], gbins[TILE];
+        int64_t below = 0, above = 0, unused = 0;
+        const uint32_t win_lo = static_cast<uint32_t>(sal_lo), win_hi = static_cast<uint32_t>(sal_hi);
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t lo = c * CHUNK, hi = std::min(n, lo + CHUNK), mid = std::clamp(n_prunable, lo, hi);
+          part[c] = sumsq<true>(gp, mk, lo, mid) + sumsq<false>(gp, mk, mid, hi);
+          if (!with_saliency && !regrow) continue;
+          for (int64_t t0 = lo; t0 < mid; t0 += TILE) {
+            const int64_t len = std::min(TILE, mid - t0);
+            if (with_saliency) {
+              tile_bins<true, SCORE, HAS_EMA>(wp, gp, vp, mk, em, t0, len, sa, win_lo, win_hi, sbins, below, above);
+              ls.count(sbins, len);
+            }
+            if (regrow) {
+              tile_bins<false, -1, false>(wp, gp, vp, mk, em, t0, len, sa, 0, HIST_BINS - 1, gbins, unused, unused);
+              lg.count(gbins, len);
+            }
           }
         }
-      }
-      merge(mu, ls, sh);
-      merge(mu, lg, gh);
-      if (below || above) {
-        std::lock_guard<std::mutex> lock(mu);
-        if (below) sh[win_lo - 1] += static_cast<int32_t>(below);  // below > 0 implies win_lo > 0
-        if (above) sh[win_hi + 1] += static_cast<int32_t>(above);
-      }
+        merge(mu, ls, sh);
+        merge(mu, lg, gh);
+        if (below || above) {
+          std::lock_guard<std::mutex> lock(mu);
+          if (below) sh[win_lo - 1] += static_cast<int32_t>(below);  // below > 0 implies win_lo > 0
+          if (above) sh[win_hi + 1] += static_cast<int32_t>(above);
+        }
+      });
     });
   });
   return partial;
 }
 
 // Pass B: adds to hist the low-16-bit counts of the values whose top 16 bits equal
-// prefix: saliency of active entries, or |g| of pruned entries.
-void refine(torch::Tensor g, torch::Tensor w, torch::Tensor mask, c10::optional<torch::Tensor> ema, int64_t n_prunable,
-            int64_t prefix, bool with_saliency, double ema_keep, double ema_new, torch::Tensor hist) {
+// prefix: the score of active entries, or |g| of pruned entries.
+void refine(torch::Tensor g, torch::Tensor w, torch::Tensor v, torch::Tensor mask, c10::optional<torch::Tensor> ema,
+            int64_t n_prunable, int64_t prefix, bool with_saliency, int64_t fisher_q, double clip, double beta2,
+            double omb2, double ema_keep, double ema_new, torch::Tensor hist) {
   check_bucket(g, "g");
   check_bucket(w, "w");
+  check_bucket(v, "v");
   check_hist(hist);
   const uint8_t* mk = mask_ptr(mask);
   const float* em = ema.has_value() ? ema->data_ptr<float>() : nullptr;
   int32_t* hp = hist.data_ptr<int32_t>();
-  const float keep = static_cast<float>(ema_keep), fresh = static_cast<float>(ema_new);
+  const ScoreArgs sa = score_args(clip, beta2, omb2, ema_keep, ema_new);
   const uint32_t want = static_cast<uint32_t>(prefix);
   std::mutex mu;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "agip_refine", [&] {
     const scalar_t* gp = g.data_ptr<scalar_t>();
     const scalar_t* wp = w.data_ptr<scalar_t>();
-    at::parallel_for(0, n_prunable, CHUNK, [&](int64_t lo, int64_t hi) {
-      LocalHist local;
-      local.init();
-      uint32_t bins[TILE];
-      for (int64_t t0 = lo; t0 < hi; t0 += TILE) {
-        const int64_t len = std::min(TILE, hi - t0);
-        const int64_t hits =
-            !with_saliency ? tile_low_bins<false, false>(wp, gp, mk, em, t0, len, keep, fresh, want, bins)
-            : em != nullptr ? tile_low_bins<true, true>(wp, gp, mk, em, t0, len, keep, fresh, want, bins)
-                            : tile_low_bins<true, false>(wp, gp, mk, em, t0, len, keep, fresh, want, bins);
-        if (hits) local.count(bins, len);
-      }
-      merge(mu, local, hp);
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    with_score(with_saliency ? fisher_q : -1, with_saliency && em != nullptr, [&](auto score, auto has_ema) {
+      constexpr int SCORE = decltype(score)::value;
+      constexpr bool HAS_EMA = decltype(has_ema)::value;
+      at::parallel_for(0, n_prunable, CHUNK, [&](int64_t lo, int64_t hi) {
+        LocalHist local;
+        local.init();
+        uint32_t bins[TILE];
+        for (int64_t t0 = lo; t0 < hi; t0 += TILE) {
+          const int64_t len = std::min(TILE, hi - t0);
+          const int64_t hits =
+              with_saliency ? tile_low_bins<true, SCORE, HAS_EMA>(wp, gp, vp, mk, em, t0, len, sa, want, bins)
+                            : tile_low_bins<false, -1, false>(wp, gp, vp, mk, em, t0, len, sa, want, bins);
+          if (hits) local.count(bins, len);
+        }
+        merge(mu, local, hp);
+      });
     });
   });
 }
 
-template <typename T, bool PRUNABLE, bool PRUNE_STEP, bool HAS_EMA>
+template <typename T, bool PRUNABLE, bool PRUNE_STEP, int SCORE, bool HAS_EMA>
 void update_range(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ v,
                   uint8_t* __restrict__ mask, float* __restrict__ ema, int64_t lo, int64_t hi, const float* args) {
   // scalars in locals: loads through a struct inside the loop block vectorization
@@ -248,13 +310,12 @@ void update_range(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m,
   const float inf = std::numeric_limits<float>::infinity();
 #pragma GCC ivdep
   for (int64_t i = lo; i < hi; ++i) {
-    float wi = static_cast<float>(w[i]), gi = static_cast<float>(g[i]);
-    float mi = static_cast<float>(m[i]), vi = static_cast<float>(v[i]);
-    float ghat, s = 0.f, act = 1.f;
+    const float w0 = static_cast<float>(w[i]), gi = static_cast<float>(g[i]);
+    float wi = w0, mi = static_cast<float>(m[i]), vi = static_cast<float>(v[i]);
+    float ghat, act = 1.f;
     if constexpr (PRUNABLE) {
       act = static_cast<float>(mask[i]);
-      ghat = gi * act * clip;   // the gradient of the active network, clipped
-      s = saliency<HAS_EMA>(w, g, ema, i, keep, fresh);  // from pre-update w and raw g
+      ghat = gi * act * clip;  // the gradient of the active network, clipped
     } else {
       ghat = gi * clip;
     }
@@ -262,11 +323,14 @@ void update_range(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m,
     wi = wi * decay;
     const float m_small = mi + lw * (ghat - mi), m_large = ghat - (ghat - mi) * one_minus_lw;
     mi = small ? m_small : m_large;
-    vi = vi * beta2 + omb2 * ghat * ghat;
+    vi = vi * beta2 + omb2 * ghat * ghat;  // v_t: the Fisher score reads this very value
     const float denom = std::sqrt(vi) / bc2_sqrt + eps;
     wi = wi + step_size * (mi / denom);
     wi = wi + neg_lr_s * ghat;  // terminal attractor: w -= lr * s * ghat
     if constexpr (PRUNABLE) {
+      // the score from pre-update w and raw g (Taylor) or v_t (Fisher), as in stats/refine
+      float s = SCORE < 0 ? std::fabs(w0 * gi) : std::fabs(w0) * fisher_factor<(SCORE < 0 ? 0 : SCORE)>(vi);
+      if constexpr (HAS_EMA) s = ema[i] * keep + s * fresh;
       bool kept = act != 0.f;
       if constexpr (PRUNE_STEP) {
         const bool grown = act == 0.f && std::fabs(gi) > regrow_theta;
@@ -288,7 +352,7 @@ void update_range(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m,
 void update(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor v, torch::Tensor mask,
             c10::optional<torch::Tensor> ema, int64_t start, int64_t end, double decay, double lerp_weight,
             double beta2, double step_size, double bc2_sqrt, double eps, double clip, double neg_lr_s, double theta,
-            double regrow_theta, double ema_keep, double ema_new, bool prunable, bool prune_step) {
+            double regrow_theta, double ema_keep, double ema_new, bool prunable, bool prune_step, int64_t fisher_q) {
   check_bucket(w, "w");
   TORCH_CHECK(g.scalar_type() == w.scalar_type() && m.scalar_type() == w.scalar_type() && v.scalar_type() == w.scalar_type(),
               "w, g, m, v must share a dtype");
@@ -306,14 +370,19 @@ void update(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor v, 
     const scalar_t* gp = g.data_ptr<scalar_t>();
     scalar_t* mp = m.data_ptr<scalar_t>();
     scalar_t* vp = v.data_ptr<scalar_t>();
-    at::parallel_for(start, end, CHUNK, [&](int64_t lo, int64_t hi) {
-      if (!prunable) return update_range<scalar_t, false, false, false>(wp, gp, mp, vp, mk, em, lo, hi, args);
-      if (em == nullptr) {
-        if (prune_step) return update_range<scalar_t, true, true, false>(wp, gp, mp, vp, mk, em, lo, hi, args);
-        return update_range<scalar_t, true, false, false>(wp, gp, mp, vp, mk, em, lo, hi, args);
-      }
-      if (prune_step) return update_range<scalar_t, true, true, true>(wp, gp, mp, vp, mk, em, lo, hi, args);
-      return update_range<scalar_t, true, false, true>(wp, gp, mp, vp, mk, em, lo, hi, args);
+    if (!prunable) {
+      at::parallel_for(start, end, CHUNK, [&](int64_t lo, int64_t hi) {
+        update_range<scalar_t, false, false, -1, false>(wp, gp, mp, vp, mk, em, lo, hi, args);
+      });
+      return;
+    }
+    with_score(fisher_q, em != nullptr, [&](auto score, auto has_ema) {
+      constexpr int SCORE = decltype(score)::value;
+      constexpr bool HAS_EMA = decltype(has_ema)::value;
+      at::parallel_for(start, end, CHUNK, [&](int64_t lo, int64_t hi) {
+        if (prune_step) update_range<scalar_t, true, true, SCORE, HAS_EMA>(wp, gp, mp, vp, mk, em, lo, hi, args);
+        else update_range<scalar_t, true, false, SCORE, HAS_EMA>(wp, gp, mp, vp, mk, em, lo, hi, args);
+      });
     });
   });
 }

@@ -9,3 +9,28 @@ Importing this package imports triton; ``import agip`` does not import it. On th
 kernels run under ``TRITON_INTERPRET=1`` (set before triton is imported).
 """
 BLOCK = 1024  # elements per program
+
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def score(w, g, v, act, clip, beta2, omb2, SCORE: tl.constexpr):  # noqa: N803
+    """The score of pre-update w (algorithm.md §2.1, §2.1b): Taylor ``|w g|`` (SCORE < 0)
+    or Fisher ``|w| v_t^(SCORE/4)`` with ``v_t = beta2 v + (1 - beta2) ghat^2``,
+    ghat = g M clip, in the same order of separately rounded operations as every backend."""
+    if SCORE < 0:
+        s = tl.abs(w * g)
+    elif SCORE == 0:
+        s = tl.abs(w)
+    else:
+        ghat = g * act.to(tl.float32) * clip
+        vt = v * beta2 + omb2 * ghat * ghat
+        if SCORE == 1:
+            s = tl.abs(w) * tl.sqrt_rn(tl.sqrt_rn(vt))
+        elif SCORE == 2:
+            s = tl.abs(w) * tl.sqrt_rn(vt)
+        else:
+            s = tl.abs(w) * vt
+    return s

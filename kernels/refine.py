@@ -2,26 +2,30 @@
 whose top 16 bits equal the selected bin, which makes the threshold exact (docs/algorithm.md §2.3).
 
 Bytes per parameter of the prunable segment: reads the mask (1 B), g (4 B) and, for the
-saliency (mode 0), w (4 B) (+4 B with a saliency EMA): <= 9 B (13 B); int32 histogram
-increments for the few entries inside the bin.
+score, w (4 B) and for the Fisher score v (4 B) (+4 B with a saliency EMA): <= 13 B
+(17 B); int32 histogram increments for the few entries inside the bin.
 """
 import triton
 import triton.language as tl
 
-from . import BLOCK
+from . import BLOCK, score
 
 
 @triton.jit
-def _refine_kernel(g_ptr, w_ptr, mask_ptr, ema_ptr, hist_ptr, n_prunable, prefix, ema_keep, ema_new,
-                   SALIENCY: tl.constexpr, HAS_EMA: tl.constexpr, BLOCK: tl.constexpr):
+def _refine_kernel(g_ptr, w_ptr, v_ptr, mask_ptr, ema_ptr, hist_ptr, n_prunable, prefix, clip, beta2, omb2,
+                   ema_keep, ema_new, SALIENCY: tl.constexpr, SCORE: tl.constexpr, HAS_EMA: tl.constexpr,
+                   BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     inp = offs < n_prunable
     act = tl.load(mask_ptr + offs, mask=inp, other=0) != 0
     g = tl.load(g_ptr + offs, mask=inp, other=0.0).to(tl.float32)
-    if SALIENCY:  # saliency of active entries (same arithmetic as pass A)
+    if SALIENCY:  # score of active entries (same arithmetic as pass A)
         w = tl.load(w_ptr + offs, mask=inp, other=0.0).to(tl.float32)
-        s = tl.abs(w * g)
+        v = w
+        if SCORE >= 0:
+            v = tl.load(v_ptr + offs, mask=inp, other=0.0).to(tl.float32)
+        s = score(w, g, v, act, clip, beta2, omb2, SCORE)
         if HAS_EMA:
             s = tl.load(ema_ptr + offs, mask=inp, other=0.0) * ema_keep + s * ema_new
         sel = inp & act
@@ -33,12 +37,13 @@ def _refine_kernel(g_ptr, w_ptr, mask_ptr, ema_ptr, hist_ptr, n_prunable, prefix
     tl.atomic_add(hist_ptr + (bits & 0xFFFF), 1, mask=hit)
 
 
-def refine(g, w, mask, ema, n_prunable, prefix, saliency, ema_keep, ema_new, hist, block=BLOCK):
+def refine(g, w, v, mask, ema, n_prunable, prefix, saliency, fisher_q, clip, beta2, omb2, ema_keep, ema_new, hist,
+           block=BLOCK):
     """Add to ``hist`` the low-digit counts of one bucket's values in bin ``prefix``."""
     nblocks = triton.cdiv(n_prunable, block)
     if nblocks == 0:
         return
     _refine_kernel[(nblocks,)](
-        g, w, mask, ema if ema is not None else w, hist, n_prunable, prefix, ema_keep, ema_new,
-        SALIENCY=saliency, HAS_EMA=ema is not None, BLOCK=block, enable_fp_fusion=False,
+        g, w, v, mask, ema if ema is not None else w, hist, n_prunable, prefix, clip, beta2, omb2, ema_keep, ema_new,
+        SALIENCY=saliency, SCORE=fisher_q if saliency else -1, HAS_EMA=saliency and ema is not None, BLOCK=block, enable_fp_fusion=False,
     )

@@ -9,14 +9,14 @@ pass A's 5 B) moves <= 34 B, a pruning step (with passes A and B, 18 B) <= 48 B.
 import triton
 import triton.language as tl
 
-from . import BLOCK
+from . import BLOCK, score
 
 
 @triton.jit
 def _update_kernel(w_ptr, g_ptr, m_ptr, v_ptr, mask_ptr, ema_ptr, start, end,
                    decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
                    clip, neg_lr_s, theta, regrow_theta, ema_keep, ema_new,
-                   PRUNABLE: tl.constexpr, PRUNE_STEP: tl.constexpr, HAS_EMA: tl.constexpr,
+                   PRUNABLE: tl.constexpr, PRUNE_STEP: tl.constexpr, SCORE: tl.constexpr, HAS_EMA: tl.constexpr,
                    BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = start + pid * BLOCK + tl.arange(0, BLOCK)
@@ -28,7 +28,8 @@ def _update_kernel(w_ptr, g_ptr, m_ptr, v_ptr, mask_ptr, ema_ptr, start, end,
     if PRUNABLE:
         act = tl.load(mask_ptr + offs, mask=inb, other=0) != 0
         ghat = g * act.to(tl.float32) * clip  # the gradient of the active network, clipped
-        s = tl.abs(w * g)  # saliency from pre-update w and raw g
+        # the score from pre-update w, v and raw g (the Fisher v_t is the one stored below)
+        s = score(w, g, v, act, clip, beta2, one_minus_beta2, SCORE)
         if HAS_EMA:
             s = tl.load(ema_ptr + offs, mask=inb, other=0.0) * ema_keep + s * ema_new
     else:
@@ -59,7 +60,7 @@ def _update_kernel(w_ptr, g_ptr, m_ptr, v_ptr, mask_ptr, ema_ptr, start, end,
 
 
 def update(w, g, m, v, mask, ema, start, end, *, decay, lerp_weight, beta2, step_size, bc2_sqrt, eps,
-           clip, neg_lr_s, theta, regrow_theta, ema_keep, ema_new, prunable, prune_step, block=BLOCK):
+           clip, neg_lr_s, theta, regrow_theta, ema_keep, ema_new, prunable, prune_step, fisher_q=-1, block=BLOCK):
     """Launch pass C over ``[start, end)`` of one bucket (one param group's range)."""
     nblocks = triton.cdiv(end - start, block)
     if nblocks == 0:
@@ -68,6 +69,6 @@ def update(w, g, m, v, mask, ema, start, end, *, decay, lerp_weight, beta2, step
         w, g, m, v, mask, ema if ema is not None else w, start, end,
         decay, lerp_weight, beta2, 1.0 - beta2, step_size, bc2_sqrt, eps,
         clip, neg_lr_s, theta, regrow_theta, ema_keep, ema_new,
-        PRUNABLE=prunable, PRUNE_STEP=prune_step, HAS_EMA=prunable and ema is not None,
+        PRUNABLE=prunable, PRUNE_STEP=prune_step, SCORE=fisher_q, HAS_EMA=prunable and ema is not None,
         BLOCK=block, enable_fp_fusion=False,  # saliency and mask must match the reference bit for bit
     )

@@ -46,14 +46,21 @@ def make_flat(layout, seed=0, pruned=0.3, ema=False, device="cpu", dtype=torch.f
     return flat, groups
 
 
-def make_plan(flat, k_frac, regrow=0.0, ema_rho=0.0, step=3, ta_scale=0.7, clip=0.5, prune=True):
+# the scores every backend must rank alike: Taylor (-1) and Fisher |w| v_t^(q/4), q = 4p
+SCORES = [-1, 2, 1]
+ALL_SCORES = [-1, 0, 1, 2, 4]
+
+
+def make_plan(flat, k_frac, regrow=0.0, ema_rho=0.0, step=3, ta_scale=0.7, clip=0.5, prune=True, fisher_q=-1,
+              beta2=0.999):
     keep, new = StepPlan.ema_constants(ema_rho)
     n_groups = max(gi for b in flat.buckets for gi, _, _ in b.ranges) + 1
-    hyper = [GroupHyper(lr=1e-2 * (i + 1), weight_decay=0.01 * i, beta1=0.9, beta2=0.999, eps=1e-8)
+    hyper = [GroupHyper(lr=1e-2 * (i + 1), weight_decay=0.01 * i, beta1=0.9, beta2=beta2, eps=1e-8)
              for i in range(n_groups)]
+    b2, omb2 = StepPlan.fisher_constants(beta2)
     return StepPlan(step=step, clip=clip, ta_scale=ta_scale, groups=hyper, prune=prune,
                     k=int(math.floor(k_frac * flat.n_prunable)), regrow_fraction=regrow,
-                    ema_keep=keep, ema_new=new)
+                    ema_keep=keep, ema_new=new, fisher_q=fisher_q, fisher_beta2=b2, fisher_omb2=omb2)
 
 
 def run_backend(backend, flat, plan):
@@ -103,15 +110,16 @@ CASES = [
 ]
 
 
-def compare_with_reference(backend, case, device="cpu", seed=0, dtype=torch.float32):
+def compare_with_reference(backend, case, device="cpu", seed=0, dtype=torch.float32, fisher_q=-1):
     """One step of ``backend`` and of the reference from the same state: masks, theta and
-    the regrowth decision bit-identical, G^2 within 1e-6, w/m/v within MAX_ULPS."""
+    the regrowth decision bit-identical, G^2 within 1e-6, w/m/v within MAX_ULPS, for the
+    score ``fisher_q`` (-1: Taylor)."""
     from agip.backends import reference
 
     layout, pruned, k_frac, regrow, rho, prune = case
     ref, _ = make_flat(layout, seed=seed, pruned=pruned, ema=rho > 0, dtype=dtype)
     other, _ = make_flat(layout, seed=seed, pruned=pruned, ema=rho > 0, device=device, dtype=dtype)
-    plan = make_plan(ref, k_frac, regrow=regrow, ema_rho=rho, prune=prune)
+    plan = make_plan(ref, k_frac, regrow=regrow, ema_rho=rho, prune=prune, fisher_q=fisher_q)
     before = [{n: getattr(b, n).clone() for n in "wmv"} for b in ref.buckets]
     g2_ref, sel_ref = run_backend(reference, ref, plan)
     g2, sel = run_backend(backend, other, plan)
@@ -131,7 +139,7 @@ def compare_with_reference(backend, case, device="cpu", seed=0, dtype=torch.floa
         assert sum(int((~b.mask).sum()) for b in ref.buckets) >= plan.k
 
 
-def compare_over_steps(backend, k_fracs, device="cpu", regrow=0.0, rho=0.0, layout="large"):
+def compare_over_steps(backend, k_fracs, device="cpu", regrow=0.0, rho=0.0, layout="large", fisher_q=-1):
     """Several pruning steps on one flat state, so a fused backend's window around the
     previous theta is used (and missed, when k jumps): theta and masks must match the
     reference at every step. Before each step the backend's buffers are set to the
@@ -147,7 +155,7 @@ def compare_over_steps(backend, k_fracs, device="cpu", regrow=0.0, rho=0.0, layo
             rb.g.copy_(torch.randn(rb.numel, generator=gen) * 1e-2)
             for name in ("w", "g", "m", "v", "mask") + (("ema",) if rho > 0 else ()):
                 getattr(ob, name).copy_(getattr(rb, name))
-        plan = make_plan(ref, k_frac, regrow=regrow, ema_rho=rho, step=step)
+        plan = make_plan(ref, k_frac, regrow=regrow, ema_rho=rho, step=step, fisher_q=fisher_q)
         _, sel_ref = run_backend(reference, ref, plan)
         _, sel = run_backend(backend, other, plan)
         assert sel == sel_ref, (step, sel, sel_ref)

@@ -12,7 +12,7 @@ from conftest import TinyLM, batch, train
 
 def make(**kw):
     model = TinyLM()
-    return model, agip.AGIP(agip.param_groups(model), **{"lr": 1e-2, "total_steps": 20, **kw})
+    return model, agip.AGIP(agip.param_groups(model), **{"lr": 1e-2, "total_steps": 20, "preset": "thesis", **kw})
 
 
 @pytest.mark.parametrize("kw,match", [

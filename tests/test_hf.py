@@ -26,7 +26,7 @@ def test_trainer_prunes_with_agip(tmp_path):
                                   bos_token_id=0, eos_token_id=0)
     model = transformers.GPT2LMHeadModel(cfg)
     T = 8
-    opt = agip.AGIP(agip.param_groups(model), lr=1e-3, target_sparsity=0.4, total_steps=T)
+    opt = agip.AGIP(agip.param_groups(model), preset="thesis", lr=1e-3, target_sparsity=0.4, total_steps=T)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)
     handle = agip.hf.attach(model, opt)
     args = transformers.TrainingArguments(

@@ -26,7 +26,7 @@ def test_run_ends_at_exact_target_and_pruned_entries_are_zero(target, schedule):
     groups = agip.param_groups(model)
     other = [p for g in groups if not g["prune"] for _, p in g["params"]]
     T = 30
-    opt = agip.AGIP(groups, lr=1e-2, target_sparsity=target, schedule=schedule, total_steps=T)
+    opt = agip.AGIP(groups, preset="thesis", lr=1e-2, target_sparsity=target, schedule=schedule, total_steps=T)
     N = opt.sparsity_report()["n_prunable"]
     history = []
 
@@ -54,7 +54,7 @@ def test_run_ends_at_exact_target_and_pruned_entries_are_zero(target, schedule):
 def test_regrowth_revives_the_largest_gradients_and_keeps_sparsity():
     model = TinyLM()
     phi = 0.25
-    opt = agip.AGIP(agip.param_groups(model), lr=1e-2, target_sparsity=0.4, schedule="oneshot",
+    opt = agip.AGIP(agip.param_groups(model), preset="thesis", lr=1e-2, target_sparsity=0.4, schedule="oneshot",
                     warmup_steps=2, regrow_fraction=phi, stability=False)
     train(model, opt, 3)  # pruned at step 2 and 3
     N = opt.sparsity_report()["n_prunable"]
@@ -82,7 +82,7 @@ def test_regrowth_revives_the_largest_gradients_and_keeps_sparsity():
 
 def test_prune_interval_changes_the_mask_only_on_pruning_steps():
     model = TinyLM()
-    opt = agip.AGIP(agip.param_groups(model), lr=1e-2, target_sparsity=0.5, total_steps=20,
+    opt = agip.AGIP(agip.param_groups(model), preset="thesis", lr=1e-2, target_sparsity=0.5, total_steps=20,
                     warmup_steps=2, prune_interval=5)
     seen = []
     train(model, opt, 20, after_step=lambda t: seen.append(opt.sparsity_report()["n_pruned"]))
@@ -92,7 +92,7 @@ def test_prune_interval_changes_the_mask_only_on_pruning_steps():
 
 def test_saliency_ema_is_kept_and_zero_on_pruned_entries():
     model = TinyLM()
-    opt = agip.AGIP(agip.param_groups(model), lr=1e-2, target_sparsity=0.3, total_steps=12, saliency_ema=0.9)
+    opt = agip.AGIP(agip.param_groups(model), preset="thesis", lr=1e-2, target_sparsity=0.3, total_steps=12, saliency_ema=0.9)
     train(model, opt, 12)
     for g in opt.param_groups:
         if g["prune"]:
@@ -104,7 +104,7 @@ def test_saliency_ema_is_kept_and_zero_on_pruned_entries():
 
 def test_apply_masks_sets_masks_and_zeroes_state():
     model = TinyLM()
-    opt = agip.AGIP(agip.param_groups(model), lr=1e-2, target_sparsity=0.3, total_steps=50, warmup_steps=40)
+    opt = agip.AGIP(agip.param_groups(model), preset="thesis", lr=1e-2, target_sparsity=0.3, total_steps=50, warmup_steps=40)
     train(model, opt, 2)  # moments are non-zero now
     w = model.layers[0].up_proj.weight
     mask = torch.rand(w.shape, generator=torch.Generator().manual_seed(0)) > 0.5

@@ -12,9 +12,9 @@ SETTINGS = dict(lr=1e-2, target_sparsity=0.5, total_steps=20, regrow_fraction=0.
                 stability_window=4, ta_gamma=5.0, ta_clip=10.0)
 
 
-def fresh():
+def fresh(preset="thesis"):
     model = TinyLM()
-    opt = agip.AGIP(agip.param_groups(model), **SETTINGS)
+    opt = agip.AGIP(agip.param_groups(model), preset=preset, **SETTINGS)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 - t / 25)
     return model, opt, sched
 
@@ -25,18 +25,19 @@ def run(model, opt, sched, steps, start):
     return train(model, opt, steps, start=start, after_step=after)
 
 
-def test_resume_is_bit_identical():
-    m_ref, o_ref, s_ref = fresh()
+@pytest.mark.parametrize("preset", ["thesis", "default"])
+def test_resume_is_bit_identical(preset):
+    m_ref, o_ref, s_ref = fresh(preset)
     run(m_ref, o_ref, s_ref, 20, 0)
 
-    m1, o1, s1 = fresh()
+    m1, o1, s1 = fresh(preset)
     run(m1, o1, s1, 10, 0)
     buf = io.BytesIO()
     torch.save({"model": m1.state_dict(), "opt": o1.state_dict(), "sched": s1.state_dict()}, buf)
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
 
-    m2, o2, s2 = fresh()
+    m2, o2, s2 = fresh(preset)
     m2.load_state_dict(saved["model"])
     o2.load_state_dict(saved["opt"])
     s2.load_state_dict(saved["sched"])

@@ -2,6 +2,7 @@
 import math
 
 import pytest
+import numpy as np
 import torch
 
 import agip
@@ -43,13 +44,14 @@ def test_radix_select_rejects_k_out_of_range():
         radix_select(0, torch_histogram(x))
 
 
-def one_shot(w, g, k):
+def one_shot(w, g, k, **kw):
     """Prune exactly once (oneshot schedule, no lr) and return (mask, theta)."""
     p = torch.nn.Parameter(w.clone())
     n = w.numel()
     ratio = (k + 0.5) / n  # floor(ratio * n) == k
     opt = agip.AGIP([{"params": [p], "prune": True}], lr=0.0, weight_decay=0.0, ta_gamma=0.0,
-                    target_sparsity=ratio, schedule="oneshot", warmup_steps=0, stability=False)
+                    target_sparsity=ratio, schedule="oneshot", warmup_steps=0, stability=False,
+                    **{"saliency": "taylor", **kw})
     p.grad = g.clone()
     opt.step()
     return opt.state[p]["mask"].clone(), opt.sparsity_report()["theta"], p.detach().clone()
@@ -89,3 +91,49 @@ def test_overflowing_saliency_is_plus_inf_and_kept():
     g = torch.tensor([1e4, 1.0, 1.0, 1.0])  # |w g| overflows fp32 to +inf: the most salient
     mask, theta, _ = one_shot(w, g, 3)
     assert theta == 3.0 and mask.tolist() == [True, False, False, False]
+
+
+@pytest.mark.parametrize("power", [0.0, 0.25, 0.5, 1.0])
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_fisher_threshold_against_a_hand_computation(power, backend):
+    """algorithm.md §2.1b on a first step (v = 0): v_t = (1 - beta2) ghat^2 with ghat the
+    clipped gradient, S = |w| v_t^p; the mask keeps S > theta, theta the exact k-th smallest."""
+    if backend == "cpp":
+        pytest.importorskip("agip.backends.cpp", reason="the C++ backend did not build here")
+    gen = torch.Generator().manual_seed(3)
+    n, k = 777, 300
+    w = torch.randn(n, generator=gen)
+    g = torch.randn(n, generator=gen) * 0.1  # ||g|| ~ 2.8 > max_grad_norm = 1: the clip binds
+    mask, theta, _ = one_shot(w, g, k, saliency="fisher", fisher_power=power, max_grad_norm=1.0, backend=backend)
+    clip = min(1.0, 1.0 / (float(torch.sum(g.double() ** 2)) ** 0.5 + 1e-6))
+    assert clip < 1
+    ghat = g * clip
+    vt = (torch.zeros(n) * 0.999 + float(np.float32(1 - 0.999)) * ghat * ghat).numpy()
+    root = np.sqrt  # IEEE square root, correctly rounded (torch.sqrt on the CPU is not always)
+    s = torch.from_numpy(w.abs().numpy() * {0.0: np.ones(n, np.float32), 0.25: root(root(vt)), 0.5: root(vt),
+                                            1.0: vt}[power])
+    expect = float(torch.kthvalue(s, k).values)
+    assert theta == expect
+    assert torch.equal(mask, s > expect) and int((~mask).sum()) == k
+
+
+def test_fisher_refuses_prunable_groups_with_different_beta2():
+    a, b = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    groups = [{"params": [a], "prune": True, "betas": (0.9, 0.999)}, {"params": [b], "prune": True, "betas": (0.9, 0.99)}]
+    with pytest.raises(ValueError, match="one beta2"):
+        agip.AGIP(groups, saliency="fisher", total_steps=10)
+    agip.AGIP(groups, saliency="taylor", total_steps=10)  # the Taylor score has no such need
+    with pytest.raises(ValueError, match="fisher_power"):
+        agip.AGIP([a], saliency="fisher", fisher_power=0.3, total_steps=10)
+    with pytest.raises(ValueError, match="saliency"):
+        agip.AGIP([a], saliency="hessian", total_steps=10)
+    with pytest.raises(ValueError, match="preset"):
+        agip.AGIP([a], preset="fast", total_steps=10)
+
+
+def test_reference_sqrt_is_correctly_rounded():
+    from agip.backends.reference import sqrt_rn
+
+    x = torch.cat([torch.rand(200_000) * 10.0 ** torch.randint(-30, 30, (200_000,)).float(),
+                   torch.tensor([0.0, 1.0, 4.0, 2.0, 1e-45, 3.4e38, float("inf")])])
+    assert torch.equal(sqrt_rn(x), torch.from_numpy(np.sqrt(x.numpy())))

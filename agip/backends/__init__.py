@@ -53,12 +53,31 @@ class StepPlan:
     # that every backend multiplies by the very same numbers (bit-identical masks).
     ema_keep: float = 0.0
     ema_new: float = 1.0
+    # The score (algorithm.md §2.1, §2.1b): fisher_q = -1 is Taylor |w g|; q >= 0 is Fisher
+    # |w| v_t^(q/4) with v_t = beta2 v + (1 - beta2) ghat^2, its constants rounded to fp32
+    # once here (the shared beta2 of the prunable groups).
+    fisher_q: int = -1
+    fisher_beta2: float = 0.0
+    fisher_omb2: float = 0.0
     theta: float = -1.0  # filled by select: M' = (S > theta); -1 keeps every entry
     regrow_theta: float = math.inf  # filled by select: regrow pruned entries with |g| > it
 
     @staticmethod
     def ema_constants(rho: float):
         return float(np.float32(rho)), float(np.float32(1.0 - rho))
+
+    @staticmethod
+    def fisher_constants(beta2: float):
+        # as the update kernels round them: (float) beta2 and (float) (1 - beta2)
+        return float(np.float32(beta2)), float(np.float32(1.0 - beta2))
+
+    @property
+    def fisher(self) -> bool:
+        return self.fisher_q >= 0
+
+    def score_args(self):
+        """The score's scalars, in the kernels' argument order: fisher_q, clip, beta2, 1 - beta2."""
+        return self.fisher_q, self.clip, self.fisher_beta2, self.fisher_omb2
 
 
 @dataclass

@@ -3,14 +3,19 @@ bucket and the exact radix select over their histograms (docs/algorithm.md §2.2
 
 A fused backend supplies three kernels with one signature each:
 
-- ``stats(g, w, mask, ema, n_prunable, saliency, regrow, ema_keep, ema_new, sal_lo, sal_hi,
-  sal_hist, grow_hist)`` -> per-block partial sums of (g*M)^2; adds the first-digit (top
-  16 bits) histograms of the saliency of active entries (bins outside the window
-  ``[sal_lo, sal_hi]`` lumped into ``sal_lo - 1`` and ``sal_hi + 1``) and of |g| of pruned
-  entries;
-- ``refine(g, w, mask, ema, n_prunable, prefix, saliency, ema_keep, ema_new, hist)``: adds
-  the second-digit histogram of the values in bin ``prefix``;
+- ``stats(g, w, v, mask, ema, n_prunable, saliency, regrow, fisher_q, clip, beta2, omb2,
+  ema_keep, ema_new, sal_lo, sal_hi, sal_hist, grow_hist)`` -> per-block partial sums of
+  (g*M)^2; adds the first-digit (top 16 bits) histograms of the score of active entries
+  (bins outside the window ``[sal_lo, sal_hi]`` lumped into ``sal_lo - 1`` and
+  ``sal_hi + 1``) and of |g| of pruned entries;
+- ``refine(g, w, v, mask, ema, n_prunable, prefix, saliency, fisher_q, clip, beta2, omb2,
+  ema_keep, ema_new, hist)``: adds the second-digit histogram of the values in bin ``prefix``;
 - ``update(w, g, m, v, mask, ema, start, end, **scalars)``: pass C over one group's range.
+
+The score is Taylor (``fisher_q = -1``) or Fisher ``|w| v_t^(q/4)`` (algorithm.md §2.1b).
+The Fisher score needs the clip factor, known only once G^2 is summed, so on Fisher
+pruning steps pass A computes G^2 alone and ``select`` runs the stats kernel a second
+time for the score's histogram.
 """
 from __future__ import annotations
 
@@ -42,9 +47,9 @@ def keyword_update(ext_update):
     """Adapt a native extension's positional ``update`` to the driver's keyword call."""
 
     def update(w, g, m, v, mask, ema, start, end, *, decay, lerp_weight, beta2, step_size, bc2_sqrt, eps, clip,
-               neg_lr_s, theta, regrow_theta, ema_keep, ema_new, prunable, prune_step):
+               neg_lr_s, theta, regrow_theta, ema_keep, ema_new, prunable, prune_step, fisher_q):
         ext_update(w, g, m, v, mask, ema, start, end, decay, lerp_weight, beta2, step_size, bc2_sqrt, eps, clip,
-                   neg_lr_s, theta, regrow_theta, ema_keep, ema_new, prunable, prune_step)
+                   neg_lr_s, theta, regrow_theta, ema_keep, ema_new, prunable, prune_step, fisher_q)
 
     return update
 
@@ -66,26 +71,30 @@ class FusedDriver:
             sc = flat.scratch[self.name] = {"sal": torch.zeros(HIST_BINS, **kw), "grow": torch.zeros(HIST_BINS, **kw)}
         return sc
 
-    def _pass_a(self, flat, plan: StepPlan, window, regrow: bool) -> float:
+    def _pass_a(self, flat, plan: StepPlan, window, saliency: bool, regrow: bool) -> float:
         sc = self._scratch(flat)
-        if plan.prune:
+        if saliency:
             sc["sal"].zero_()
-            if regrow:
-                sc["grow"].zero_()
-        sc["window"] = window
+            sc["window"] = window
+        if regrow:
+            sc["grow"].zero_()
         partials = [
-            self.stats(b.g, b.w, b.mask, b.ema, b.n_prunable, plan.prune, regrow, plan.ema_keep, plan.ema_new,
-                       window[0], window[1], sc["sal"], sc["grow"])
+            self.stats(b.g, b.w, b.v, b.mask, b.ema, b.n_prunable, saliency, regrow, *plan.score_args(),
+                       plan.ema_keep, plan.ema_new, window[0], window[1], sc["sal"], sc["grow"])
             for b in flat.buckets
         ]
         return float(torch.cat([p.double() for p in partials]).sum())
 
+    def _window(self, flat):
+        center = self._scratch(flat).get("theta_bin")
+        return FULL if center is None else (0, min(HIST_BINS - 1, center + WINDOW_UP))
+
     def grad_sumsq(self, flat, plan: StepPlan) -> float:
         """Pass A over every bucket: G^2 (fixed-order fp64 sum of per-block partials) and,
-        on pruning steps, the first-digit histograms (windowed around the last theta)."""
-        center = self._scratch(flat).get("theta_bin")
-        window = FULL if center is None else (0, min(HIST_BINS - 1, center + WINDOW_UP))
-        return self._pass_a(flat, plan, window, regrow=plan.prune and plan.regrow_fraction > 0)
+        on pruning steps, the first-digit histograms (windowed around the last theta); the
+        Fisher score's histogram waits for the clip factor (``select``)."""
+        return self._pass_a(flat, plan, self._window(flat), saliency=plan.prune and not plan.fisher,
+                            regrow=plan.prune and plan.regrow_fraction > 0)
 
     def _histogram(self, flat, plan, first: torch.Tensor, saliency: bool, extra: dict, window=FULL):
         """A radix-select histogram source: the cached first digit, then refine passes.
@@ -107,7 +116,8 @@ class FusedDriver:
                 raise _Lump
             out = torch.zeros(HIST_BINS, dtype=torch.int32, device=flat.device)
             for b in flat.buckets:
-                self.refine(b.g, b.w, b.mask, b.ema, b.n_prunable, prefix, saliency, plan.ema_keep, plan.ema_new, out)
+                self.refine(b.g, b.w, b.v, b.mask, b.ema, b.n_prunable, prefix, saliency, *plan.score_args(),
+                            plan.ema_keep, plan.ema_new, out)
             h = out.to(torch.int64).cpu()
             h[0] += extra.get(prefix, 0)
             return h
@@ -117,6 +127,8 @@ class FusedDriver:
     def select(self, flat, plan: StepPlan) -> Selection:
         """Exact regrowth threshold, then the exact global saliency threshold (docs/algorithm.md §2.2, 2.3)."""
         sc = self._scratch(flat)
+        if plan.fisher:  # the score needs v_t, hence the clip factor: its histogram now
+            self._pass_a(flat, plan, self._window(flat), saliency=True, regrow=False)
         n_pruned = flat.n_prunable - int(sc["sal"].sum())  # lumps included: every active entry
         regrow_theta, n_regrown = math.inf, 0
         if plan.regrow_fraction > 0:
@@ -138,7 +150,7 @@ class FusedDriver:
                 theta = radix_select_count(plan.k, self._histogram(flat, plan, sc["sal"], True, extra, sc["window"]))[0]
             except _Lump:  # theta moved out of the window: the first digit again, in full
                 sc["window_misses"] = sc.get("window_misses", 0) + 1
-                self._pass_a(flat, plan, FULL, regrow=False)
+                self._pass_a(flat, plan, FULL, saliency=True, regrow=False)
                 theta = radix_select_count(plan.k, self._histogram(flat, plan, sc["sal"], True, extra))[0]
             sc["theta_bin"] = int(np.float32(theta).view(np.uint32)) >> 16
         return Selection(theta=theta, regrow_theta=regrow_theta, n_regrown=n_regrown)
@@ -155,5 +167,5 @@ class FusedDriver:
                     step_size=-h.lr / (1 - h.beta1**t), bc2_sqrt=math.sqrt(1 - h.beta2**t), eps=h.eps,
                     clip=plan.clip, neg_lr_s=-h.lr * plan.ta_scale, theta=plan.theta,
                     regrow_theta=plan.regrow_theta, ema_keep=plan.ema_keep, ema_new=plan.ema_new,
-                    prunable=end <= b.n_prunable, prune_step=plan.prune,
+                    prunable=end <= b.n_prunable, prune_step=plan.prune, fisher_q=plan.fisher_q,
                 )

@@ -36,14 +36,55 @@ def grad_sumsq(flat, plan: StepPlan) -> float:
     return total
 
 
-def saliency(b, plan: StepPlan) -> torch.Tensor:
-    """S = |w * g| in fp32 from pre-update w and raw g (eq. 4.4), or its EMA (docs/algorithm.md §2.1).
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded fp32 square root of a non-negative fp32 tensor (IEEE 754's
+    sqrt, which C++ ``std::sqrt``, CUDA ``__fsqrt_rn`` and Triton ``sqrt_rn`` compute).
 
-    Pruned entries have w = 0 and a zero EMA, so their S is 0. The EMA is two separately
-    rounded products and a sum (no fused multiply-add), which every backend reproduces.
+    ``torch.sqrt`` on the CPU is not always correctly rounded (in torch 2.13 about one fp32
+    result in five differs by an ulp), so: an fp64 estimate rounded to fp32, then one
+    correction against the exact squares of the two neighbouring midpoints (a 25-bit
+    midpoint squares exactly in fp64; no fp32 square root lies on a midpoint).
+    """
+    r = x.double().sqrt().float()
+    up = torch.nextafter(r, torch.full_like(r, math.inf))
+    down = torch.nextafter(r, torch.zeros_like(r))
+    xd = x.double()
+    hi = (r.double() + up.double()) / 2  # exact: 25 significant bits
+    lo = (r.double() + down.double()) / 2
+    r = torch.where(xd > hi * hi, up, r)
+    return torch.where(xd < lo * lo, down, r)
+
+
+def fisher_factor(vt: torch.Tensor, q: int) -> torch.Tensor:
+    """v_t^(q/4) with correctly rounded square roots only (algorithm.md §2.1b)."""
+    if q == 0:
+        return torch.ones_like(vt)
+    if q == 1:
+        return sqrt_rn(sqrt_rn(vt))
+    if q == 2:
+        return sqrt_rn(vt)
+    return vt
+
+
+def saliency(b, plan: StepPlan) -> torch.Tensor:
+    """The score of every prunable entry, from pre-update w (algorithm.md §2.1, §2.1b):
+
+    - Taylor (eq. 4.4): ``S = |w * g|`` in fp32 with the raw g;
+    - Fisher: ``S = |w| * v_t^p`` with ``v_t = beta2 v + (1 - beta2) ghat^2``, ghat the
+      clipped gradient of the active network (the v_t the update then stores);
+
+    then, with a saliency EMA, ``keep * EMA + new * S``. Pruned entries have w = 0 (and
+    v = 0, a zero EMA), so their S is 0. Every product and sum is rounded separately, in
+    the order the fused backends use, so their masks are bit-identical to these.
     """
     P = b.n_prunable
-    s = (b.w[:P].float() * b.g[:P].float()).abs()
+    w = b.w[:P].float()
+    if plan.fisher:
+        ghat = b.g[:P].float() * b.mask * plan.clip
+        vt = b.v[:P].float() * plan.fisher_beta2 + plan.fisher_omb2 * ghat * ghat
+        s = w.abs() * fisher_factor(vt, plan.fisher_q)
+    else:
+        s = (w * b.g[:P].float()).abs()
     if b.ema is not None:
         s = b.ema * plan.ema_keep + s * plan.ema_new
     return s
