@@ -7,7 +7,9 @@ import argparse
 import dataclasses
 import sys
 
-from .train import METHODS, FinetuneConfig
+from .methods import METHODS
+from .optimizer import FISHER_POWERS, PRESETS, SALIENCIES
+from .train import PRESET_LR, FinetuneConfig
 
 
 def _add_finetune(sub):
@@ -18,26 +20,37 @@ def _add_finetune(sub):
     p.add_argument("--dataset", default=d.dataset,
                    help="'wiki-mini' (embedded), 'wikitext-2-raw-v1' (needs a network), or a text file / folder")
     p.add_argument("--out", default=d.out, help="folder for the checkpoint, report and plots")
-    p.add_argument("--method", default=d.method, choices=METHODS,
-                   help="agip; adamw (dense fine-tuning, no pruning); gmp (gradual magnitude pruning, cubic); "
-                        "magnitude / wanda (one-shot pruning, then fine-tuning with the mask fixed)")
+    p.add_argument("--method", default=d.method, choices=tuple(METHODS),
+                   help="; ".join(f"{name}: {cls.help}" for name, cls in METHODS.items()))
+    p.add_argument("--preset", default=d.preset, choices=tuple(PRESETS),
+                   help="default: the product default (Fisher score, chosen on validation data); thesis: the "
+                        "thesis' method exactly. Options given explicitly override the preset. "
+                        + "; ".join(f"{k}: {v}, lr {PRESET_LR[k]}" for k, v in PRESETS.items()))
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per training sequence")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=float, default=d.lr, help="default: the preset's")
     p.add_argument("--lr-warmup", type=float, default=d.lr_warmup, help="share of steps of linear LR warm-up")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 disables clipping")
     p.add_argument("--target-sparsity", type=float, default=d.target_sparsity, help="share of the prunable weights")
-    p.add_argument("--schedule", default=d.schedule, choices=("exp", "cubic", "oneshot"))
-    p.add_argument("--prune-interval", type=int, default=d.prune_interval)
+    p.add_argument("--schedule", default=d.schedule, choices=("exp", "cubic", "oneshot"),
+                   help="default: the preset's")
+    p.add_argument("--prune-interval", type=int, default=d.prune_interval, help="default: the preset's")
+    p.add_argument("--saliency", default=d.saliency, choices=SALIENCIES,
+                   help="taylor: |w g| (the thesis); fisher: |w| v^p from Adam's second moment. Default: the preset's")
+    p.add_argument("--fisher-power", type=float, default=d.fisher_power, choices=sorted(FISHER_POWERS),
+                   help="p of the Fisher score |w| v^p. Default: the preset's")
     p.add_argument("--regrow-fraction", type=float, default=d.regrow_fraction)
     p.add_argument("--saliency-ema", type=float, default=d.saliency_ema)
-    p.add_argument("--ta-gamma", type=float, default=d.ta_gamma, help="terminal-attractor strength (0: off)")
+    p.add_argument("--ta-gamma", type=float, default=d.ta_gamma,
+                   help="terminal-attractor strength (0: off). Default: the preset's")
     p.add_argument("--ta-beta", type=float, default=d.ta_beta)
     p.add_argument("--ta-clip", type=float, default=d.ta_clip, help="norm bound C of the TA vector")
     p.add_argument("--ta-loss-floor", type=float, default=d.ta_loss_floor)
+    p.add_argument("--stability", dest="stability", action="store_true", default=d.stability,
+                   help="slow the sparsity ramp while the loss oscillates (default: the preset's)")
     p.add_argument("--no-stability", dest="stability", action="store_false", help="ramp sparsity regardless of the loss")
     p.add_argument("--backend", default=d.backend, choices=("auto", "reference", "cpp", "triton", "cuda"))
     p.add_argument("--fp32", dest="bf16", action="store_false", help="no bf16 autocast")
@@ -47,6 +60,8 @@ def _add_finetune(sub):
     p.add_argument("--eval-stride", type=int, default=d.eval_stride, help="default L: non-overlapping windows")
     p.add_argument("--eval-max-tokens", type=int, default=d.eval_max_tokens, help="0 = the whole split")
     p.add_argument("--eval-validation", action="store_true", help="also measure the validation split at the end")
+    p.add_argument("--eval-ood", default=d.eval_ood,
+                   help="also measure an out-of-domain corpus before and after, e.g. 'pydoc' (Python's own docs)")
     p.add_argument("--gmp-events", type=int, default=d.gmp_events, help="gmp: how many times to re-prune")
     p.add_argument("--calibration-blocks", type=int, default=d.calibration_blocks,
                    help="wanda: train blocks used for the activation norms")

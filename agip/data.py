@@ -98,11 +98,30 @@ def text_files(path: str) -> Dict[str, List[str]]:
     return out
 
 
+def pydoc_topics() -> Dict[str, List[str]]:
+    """``pydoc``: the documentation topics that ship with Python (``pydoc_data.topics``,
+    ~80 topics of technical English), an *evaluation-only* out-of-domain corpus: a pruner
+    tuned to the fine-tuning text can keep its in-domain perplexity while losing general
+    ability. Split by sorted topic name, alternately, into validation and test; the train
+    split is empty (never trained on)."""
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    docs = [topics[n].strip() for n in names]
+    return {"train": [], "validation": docs[0::2], "test": docs[1::2]}
+
+
+EVAL_ONLY = ("pydoc",)
+
+
 def load_corpus(name: str) -> Dict[str, List[str]]:
-    """``wiki-mini`` (embedded), ``wikitext-2-raw-v1`` / ``wikitext-103-raw-v1`` (hub), or a
-    path to the user's text. Every split must hold some text."""
+    """``wiki-mini`` (embedded), ``pydoc`` (embedded, evaluation only), ``wikitext-2-raw-v1``
+    / ``wikitext-103-raw-v1`` (hub), or a path to the user's text. Every split must hold
+    some text (an evaluation-only corpus has no train split)."""
     if name == "wiki-mini":
         corpus = wiki_mini()
+    elif name == "pydoc":
+        corpus = pydoc_topics()
     elif name.startswith("wikitext-"):
         corpus = wikitext2(name)
     elif os.path.exists(name):
@@ -112,7 +131,7 @@ def load_corpus(name: str) -> Dict[str, List[str]]:
             f"unknown dataset {name!r}: use 'wiki-mini' (embedded), 'wikitext-2-raw-v1' (needs a network), "
             "or a path to a text file or a folder with train.txt / validation.txt / test.txt"
         )
-    empty = [s for s in SPLITS if not "".join(corpus[s]).strip()]
+    empty = [s for s in SPLITS if not "".join(corpus[s]).strip() and not (s == "train" and name in EVAL_ONLY)]
     if empty:
         raise ValueError(f"dataset {name!r}: the {', '.join(empty)} split is empty; give it some text")
     return corpus

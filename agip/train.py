@@ -13,17 +13,17 @@ from typing import Optional
 
 import torch
 
-from . import baselines, checkpoint
-from .data import join, load_corpus
+from . import checkpoint, methods
+from .data import EVAL_ONLY, join, load_corpus
 from .evaluate import perplexity
 from .models import EMBEDDED, context_length, load_model
+from .optimizer import PRESETS
 
-METHODS = ("agip", "adamw", "gmp", "magnitude", "wanda")
-# adamw: dense fine-tuning (no pruning); gmp: gradual magnitude pruning, cubic schedule,
-# global threshold; magnitude / wanda: one-shot pruning before fine-tuning, mask fixed.
-# The baselines train with the same masked AdamW (AGIP with ta_gamma=0 and no pruning
-# steps of its own); their masks come from agip.baselines through apply_masks.
-BASELINES = ("gmp", "magnitude", "wanda")
+METHODS = tuple(methods.METHODS)  # agip/methods.py: one object per method, the same hooks
+# The harness' learning rate per preset (the optimizer's own default stays 5e-5): the
+# thesis' 5e-5, and for the product default the lr chosen for dense fine-tuning on the
+# validation split (README, "Quality study").
+PRESET_LR = {"thesis": 5e-5, "default": 1e-4}
 
 
 @dataclass
@@ -34,24 +34,27 @@ class FinetuneConfig:
     dataset: str = "wiki-mini"
     out: str = "runs/agip"
     method: str = "agip"
+    preset: str = "default"  # "thesis": the thesis' method exactly (algorithm.md §5)
     steps: int = 60
     batch_size: int = 4
     block_size: int = 256
     grad_accum: int = 1
-    lr: float = 5e-5
+    lr: Optional[float] = None  # None: the preset's (PRESET_LR)
     lr_warmup: float = 0.05  # share of steps with a linear LR warm-up, then linear decay to 0
     weight_decay: float = 0.01
     max_grad_norm: Optional[float] = 1.0
     target_sparsity: float = 0.3
-    schedule: str = "exp"
-    prune_interval: int = 1
+    schedule: Optional[str] = None  # None here and below: the preset's value
+    prune_interval: Optional[int] = None
     regrow_fraction: float = 0.0
     saliency_ema: float = 0.0
-    ta_gamma: float = 1.0
+    saliency: Optional[str] = None
+    fisher_power: Optional[float] = None
+    ta_gamma: Optional[float] = None
     ta_beta: float = 0.5
     ta_clip: float = 1.0
     ta_loss_floor: float = 0.0
-    stability: bool = True
+    stability: Optional[bool] = None
     backend: str = "auto"
     bf16: bool = True  # autocast forward/backward in bf16; parameters and optimizer stay fp32
     seed: int = 0
@@ -60,6 +63,7 @@ class FinetuneConfig:
     eval_stride: Optional[int] = None  # default L (non-overlapping windows)
     eval_max_tokens: Optional[int] = 16384  # first N tokens of the split; None = all
     eval_validation: bool = False  # also measure the validation split after training (for sweeps)
+    eval_ood: Optional[str] = None  # also measure an out-of-domain corpus (e.g. "pydoc") before and after
     gmp_events: int = 10  # GMP re-prunes this many times over the run (every steps // gmp_events)
     calibration_blocks: int = 32  # Wanda: train blocks whose activations give ||X_j||
     checkpoint_every: int = 0
@@ -73,11 +77,14 @@ class FinetuneConfig:
                 raise ValueError(msg)
 
         need(self.method in METHODS, f"--method must be one of {METHODS}, got {self.method!r}")
+        need(self.preset in PRESETS, f"--preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
+        need(self.dataset not in EVAL_ONLY, f"--dataset {self.dataset} is for evaluation only (--eval-ood "
+             f"{self.dataset}); train on wiki-mini, wikitext-2-raw-v1 or your own text")
         need(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
         need(self.batch_size >= 1 and self.block_size >= 2 and self.grad_accum >= 1,
              "--batch-size and --grad-accum must be >= 1 and --block-size >= 2")
         need(0 <= self.target_sparsity < 1, f"--target-sparsity must be in [0, 1), got {self.target_sparsity}")
-        need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        need(self.lr is None or self.lr > 0, f"--lr must be > 0, got {self.lr}")
         need(0 <= self.lr_warmup < 1, f"--lr-warmup must be in [0, 1), got {self.lr_warmup}")
         need(self.eval_split in ("validation", "test"), f"--eval-split must be validation or test, got {self.eval_split!r}")
         need(self.eval_max_tokens is None or self.eval_max_tokens >= 2, "--eval-max-tokens must be >= 2 (or 0 for all)")
@@ -96,24 +103,6 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
-def make_optimizer(cfg: FinetuneConfig, model):
-    import agip
-
-    groups = agip.param_groups(model, weight_decay=cfg.weight_decay)
-    if cfg.method == "adamw":  # plain AdamW + clipping (TAAdamW with ta_gamma=0 is exactly that)
-        return agip.TAAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-                            ta_gamma=0.0, backend=cfg.backend)
-    if cfg.method in BASELINES:  # masked AdamW; no pruning steps of its own (warm-up beyond the run)
-        return agip.AGIP(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-                         ta_gamma=0.0, target_sparsity=cfg.target_sparsity, total_steps=cfg.steps,
-                         warmup_steps=cfg.steps + 1, stability=False, backend=cfg.backend)
-    return agip.AGIP(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-                     ta_gamma=cfg.ta_gamma, ta_beta=cfg.ta_beta, ta_clip=cfg.ta_clip, ta_loss_floor=cfg.ta_loss_floor,
-                     target_sparsity=cfg.target_sparsity, schedule=cfg.schedule, total_steps=cfg.steps,
-                     prune_interval=cfg.prune_interval, regrow_fraction=cfg.regrow_fraction,
-                     saliency_ema=cfg.saliency_ema, stability=cfg.stability, backend=cfg.backend)
-
-
 def lr_lambda(cfg: FinetuneConfig):
     warm = max(1, int(cfg.lr_warmup * cfg.steps)) if cfg.lr_warmup > 0 else 0
 
@@ -128,6 +117,8 @@ def lr_lambda(cfg: FinetuneConfig):
 def finetune(cfg: FinetuneConfig) -> dict:
     """Run one fine-tuning job; returns the report (also written to ``cfg.out``)."""
     cfg.check()
+    if cfg.lr is None:
+        cfg = dataclasses.replace(cfg, lr=PRESET_LR[cfg.preset])
     from tqdm.auto import tqdm
 
     from .report import write_report
@@ -152,13 +143,18 @@ def finetune(cfg: FinetuneConfig) -> dict:
         raise ValueError(f"the model's context is {ctx} tokens: --eval-seq-len ({L}) and --block-size "
                          f"({cfg.block_size}) must not exceed it")
     stride = cfg.eval_stride or L
-    if cfg.dataset not in _corpora:
-        _corpora[cfg.dataset] = load_corpus(cfg.dataset)
-    corpus = _corpora[cfg.dataset]
-    train_ids = tokenize(tok, join(corpus["train"]))
-    eval_ids = tokenize(tok, join(corpus[cfg.eval_split]))
-    if cfg.eval_max_tokens:
-        eval_ids = eval_ids[: cfg.eval_max_tokens]
+
+    def corpus(name: str) -> dict:
+        if name not in _corpora:
+            _corpora[name] = load_corpus(name)
+        return _corpora[name]
+
+    def eval_ids_of(name: str, split: str) -> torch.Tensor:
+        ids = tokenize(tok, join(corpus(name)[split]))
+        return ids[: cfg.eval_max_tokens] if cfg.eval_max_tokens else ids
+
+    train_ids = tokenize(tok, join(corpus(cfg.dataset)["train"]))
+    eval_ids = eval_ids_of(cfg.dataset, cfg.eval_split)
     n_blocks = train_ids.numel() // cfg.block_size
     if n_blocks < 1:
         raise ValueError(f"the train split has {train_ids.numel()} tokens, fewer than one block of {cfg.block_size}")
@@ -175,14 +171,25 @@ def finetune(cfg: FinetuneConfig) -> dict:
             idx.append(int(order[pos]))
         return blocks[idx].to(device)
 
-    # 2. perplexity before fine-tuning
-    key = (cfg.model, cfg.dataset, cfg.eval_split, L, stride, cfg.eval_max_tokens)
-    before = state.get("before") or _fresh_ppl.get(key)
-    if before is None:
-        before = _fresh_ppl[key] = perplexity(model, eval_ids, L, stride, progress=cfg.progress, desc="ppl before")
+    # 2. perplexity before fine-tuning (in domain, and out of domain if asked)
+    def measure(name: str, split: str, ids: torch.Tensor, desc: str, fresh: bool = False) -> dict:
+        key = (cfg.model, name, split, L, stride, cfg.eval_max_tokens)
+        if fresh and key in _fresh_ppl:  # a freshly loaded model: measured once per process
+            return _fresh_ppl[key]
+        res = perplexity(model, ids, L, stride, progress=cfg.progress, desc=desc)
+        if fresh:
+            _fresh_ppl[key] = res
+        return res
 
-    # 3. optimizer, LR schedule, resume
-    opt = make_optimizer(cfg, model)
+    before = state.get("before") or measure(cfg.dataset, cfg.eval_split, eval_ids, "ppl before", fresh=True)
+    ood_ids = eval_ids_of(cfg.eval_ood, cfg.eval_split) if cfg.eval_ood else None
+    ood_before = state.get("ood_before")
+    if cfg.eval_ood and ood_before is None:
+        ood_before = measure(cfg.eval_ood, cfg.eval_split, ood_ids, f"ppl before ({cfg.eval_ood})", fresh=True)
+
+    # 3. the method, its optimizer, the LR schedule, resume
+    method = methods.make(cfg)
+    opt = method.optimizer(cfg, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     history, start, train_time = state.get("history", []), 0, state.get("train_seconds", 0.0)
     if resuming:
@@ -193,26 +200,18 @@ def finetune(cfg: FinetuneConfig) -> dict:
         start = state["step"]
 
     pruned = state.get("ppl_pruned")
-    if cfg.method in ("magnitude", "wanda") and not resuming:  # one-shot, then the mask stays fixed
-        if cfg.method == "magnitude":
-            masks = baselines.magnitude_masks(opt, cfg.target_sparsity)
-        else:
-            calib = [batch(i, 0) for i in range(max(1, cfg.calibration_blocks // cfg.batch_size))]
-            masks = baselines.wanda_masks(model, opt, cfg.target_sparsity, calib)
-        opt.apply_masks(masks)
-        pruned = perplexity(model, eval_ids, L, stride, progress=cfg.progress, desc="ppl pruned")
-    gmp_every = max(1, cfg.steps // cfg.gmp_events)
+    if not resuming:  # one-shot methods prune here, then the mask stays fixed
 
-    def scheduled(step_done: int, rep: dict) -> float:
-        if cfg.method == "gmp":
-            return baselines.gmp_ratio(step_done, cfg.steps, cfg.target_sparsity)
-        if cfg.method in ("magnitude", "wanda"):
-            return cfg.target_sparsity
-        return rep["scheduled_sparsity"]
+        def calibration():
+            return [batch(i, 0) for i in range(max(1, cfg.calibration_blocks // cfg.batch_size))]
+
+        if method.before_training(model, opt, calibration):
+            pruned = perplexity(model, eval_ids, L, stride, progress=cfg.progress, desc="ppl pruned")
 
     def save_checkpoint(step):
         checkpoint.save(ckpt_dir, model, tok, opt, sched, rng=torch.get_rng_state(), state={
-            "step": step, "before": before, "ppl_pruned": pruned, "history": history, "train_seconds": train_time,
+            "step": step, "before": before, "ood_before": ood_before, "ppl_pruned": pruned, "history": history,
+            "train_seconds": train_time,
             "config": dataclasses.asdict(cfg)})
 
     # 4. the training loop
@@ -234,13 +233,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
         opt.step(loss=E)
         sched.step()
         opt.zero_grad()
-        if cfg.method == "gmp" and ((step + 1) % gmp_every == 0 or step + 1 == cfg.steps):
-            ratio = baselines.gmp_ratio(step + 1, cfg.steps, cfg.target_sparsity)
-            opt.apply_masks(baselines.magnitude_masks(opt, ratio))
+        method.after_step(step + 1, opt)
         dt = time.perf_counter() - t0
         train_time += dt
         rep = opt.sparsity_report()
-        history.append({"step": step + 1, "loss": E, "lr": lr, "scheduled_sparsity": scheduled(step + 1, rep),
+        history.append({"step": step + 1, "loss": E, "lr": lr, "scheduled_sparsity": method.scheduled(step + 1, rep),
                         "sparsity_prunable": rep["sparsity_prunable"], "sparsity_all": rep["sparsity_all"],
                         "tokens_per_s": tokens_per_step / dt})
         bar.set_postfix(loss=f"{E:.3f}", R=f"{rep['scheduled_sparsity']:.3f}",
@@ -250,17 +247,22 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     # 5. perplexity after, checkpoint, report
     after = perplexity(model, eval_ids, L, stride, progress=cfg.progress, desc="ppl after")
-    after_validation = None
+    after_validation = ood_after = ood_after_validation = None
     if cfg.eval_validation:
-        val_ids = tokenize(tok, join(corpus["validation"]))
-        val_ids = val_ids[: cfg.eval_max_tokens] if cfg.eval_max_tokens else val_ids
-        after_validation = perplexity(model, val_ids, L, stride, progress=cfg.progress, desc="ppl validation")
+        after_validation = measure(cfg.dataset, "validation", eval_ids_of(cfg.dataset, "validation"), "ppl validation")
+    if cfg.eval_ood:
+        ood_after = measure(cfg.eval_ood, cfg.eval_split, ood_ids, f"ppl after ({cfg.eval_ood})")
+        if cfg.eval_validation:
+            ood_after_validation = measure(cfg.eval_ood, "validation", eval_ids_of(cfg.eval_ood, "validation"),
+                                           f"ppl validation ({cfg.eval_ood})")
     save_checkpoint(cfg.steps)
     final = opt.sparsity_report()
     report = {
         "config": dataclasses.asdict(cfg),
         "model": cfg.model, "dataset": cfg.dataset, "eval_split": cfg.eval_split,
         "ppl_before": before, "ppl_pruned": pruned, "ppl_after": after, "ppl_after_validation": after_validation,
+        "ood": cfg.eval_ood, "ood_before": ood_before, "ood_after": ood_after,
+        "ood_after_validation": ood_after_validation,
         "sparsity_prunable": final["sparsity_prunable"], "sparsity_all": final["sparsity_all"],
         "n_prunable": final["n_prunable"], "n_params": final["n_params"], "n_pruned": final["n_pruned"],
         "skipped_steps": final["skipped_steps"], "layer_density": final["layer_density"],
@@ -280,6 +282,9 @@ def summary(report: dict) -> str:
         f"L={a['seq_len']}, stride={a['stride']}): before {b['ppl']:.2f} -> after {a['ppl']:.2f}",
         *([f"right after one-shot pruning (before fine-tuning): {report['ppl_pruned']['ppl']:.2f}"]
           if report.get("ppl_pruned") else []),
+        *([f"out of domain, {report['ood']}/{report['eval_split']} ({report['ood_after']['scored_tokens']:,} scored "
+           f"tokens): before {report['ood_before']['ppl']:.2f} -> after {report['ood_after']['ppl']:.2f}"]
+          if report.get("ood_after") else []),
         f"sparsity: {100 * report['sparsity_prunable']:.1f}% of the prunable weights "
         f"({report['n_pruned']:,} of {report['n_prunable']:,}), {100 * report['sparsity_all']:.1f}% of all "
         f"{report['n_params']:,} parameters",

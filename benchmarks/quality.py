@@ -1,21 +1,31 @@
 """Quality study: AGIP against the standard pruning baselines on the same model, data and
-budget (the same steps, tokens, LR schedule and seed for every method).
+budget (the same steps, tokens, LR schedule and seed for every method), in phases:
 
-Grid: dense fine-tuning; GMP (cubic, global magnitude); one-shot magnitude + fine-tuning;
-Wanda without and with fine-tuning; AGIP with gamma = 0 (no TA), the default gamma = 1,
-a strong TA (gamma = C picked from {10, 100} by validation perplexity at 50%), and AGIP
-with regrowth; at 30% and 50% of the prunable weights; a second seed for dense, GMP and
-AGIP at 50%. Writes JSON, a Markdown table and a plot of test perplexity against
-sparsity.
+1. ``lr``: dense fine-tuning at each of LRS; the lr with the best validation perplexity
+   is then used for every method;
+2. ``select``: AGIP candidates for the product default at the largest target, chosen by
+   validation perplexity (the geometric mean of wiki-mini's and pydoc's validation
+   splits: in domain and out of domain);
+3. ``grid``: dense; GMP; one-shot magnitude + FT; Wanda + FT; AGIP with the thesis preset;
+   AGIP with the chosen default; at each target, three seeds for dense, Wanda + FT and
+   the default at the largest target.
 
-    python benchmarks/quality.py                    # SmolLM2-135M on wiki-mini (about 45 min on 2 cores)
-    python benchmarks/quality.py --quick --model DIR --dataset DIR   # a few steps: the tests run this
+Every run also measures the test splits of wiki-mini and of the out-of-domain ``pydoc``
+corpus (never trained on). Results go to ``study-<steps>.json`` after every run, and a run
+already recorded there is not run again: stop the study at any time and start it again
+to continue. ``--report-only`` rebuilds the table and plot.
+
+    python benchmarks/quality.py                    # SmolLM2-135M on wiki-mini, 100 steps (~8 min a run on 2 cores)
+    python benchmarks/quality.py --phase lr select  # only the first phases
+    python benchmarks/quality.py --quick --model DIR --dataset DIR   # 2 steps, tiny: the tests run this
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shutil
 import sys
 import time
 
@@ -24,141 +34,234 @@ sys.path.insert(0, ROOT)
 
 from agip.train import FinetuneConfig, finetune  # noqa: E402
 
-STRONG = (10.0, 100.0)  # gamma = C candidates for the strong TA setting
+LRS = (5e-5, 1e-4, 2e-4)
+# candidates for the product default: (label, overrides of FinetuneConfig)
+CANDIDATES = [
+    ("Fisher p=1/2, cubic, every step", dict(saliency="fisher", fisher_power=0.5, schedule="cubic", prune_interval=1,
+                                              ta_gamma=0.0, stability=False)),
+    ("Fisher p=1/4, cubic, every step", dict(saliency="fisher", fisher_power=0.25, schedule="cubic", prune_interval=1,
+                                              ta_gamma=0.0, stability=False)),
+    ("Fisher p=1/2, exp + stability", dict(saliency="fisher", fisher_power=0.5, schedule="exp", prune_interval=1,
+                                            ta_gamma=0.0, stability=True)),
+    ("Fisher p=1/2, cubic, every 10 steps", dict(saliency="fisher", fisher_power=0.5, schedule="cubic",
+                                                  prune_interval=10, ta_gamma=0.0, stability=False)),
+]
+PHASES = ("lr", "select", "grid")
 
 
-DENSE = ("dense fine-tuning (AdamW)", "adamw", {"target_sparsity": 0.0})
-GMP = ("GMP (cubic, magnitude)", "gmp", {})
-AGIP_DEFAULT = ("AGIP (γ=1, C=1, default)", "agip", {})
+def run_key(method, overrides, target, seed, lr, steps):
+    return f"{method}|{json.dumps(overrides, sort_keys=True)}|r{target:g}|s{seed}|lr{lr:g}|T{steps}"
 
 
-def strong(gamma):
-    return (f"AGIP strong TA (γ=C={gamma:g})", "agip", {"ta_gamma": gamma, "ta_clip": gamma})
+class Study:
+    def __init__(self, args):
+        self.args = args
+        self.path = os.path.join(args.out, f"study-{args.steps}.json")
+        self.common = dict(model=args.model, dataset=args.dataset, steps=args.steps, batch_size=args.batch_size,
+                           block_size=args.block_size, eval_max_tokens=args.eval_max_tokens,
+                           eval_seq_len=args.eval_seq_len, eval_ood=args.ood, eval_validation=True,
+                           progress=not args.quick)
+        self.data = {"settings": self.common, "rows": [], "choices": {}}
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                self.data = json.load(f)
+        self.done = {r["key"]: r for r in self.data["rows"]}
 
+    def save(self):
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.data, f, indent=2)
+        os.replace(tmp, self.path)  # a crash never leaves half a JSON
 
-def grid(targets, strong_gamma):
-    """The runs after the sweep: (label, method, overrides, target, seed)."""
-    methods = [GMP, ("one-shot magnitude + FT", "magnitude", {}), ("Wanda + FT", "wanda", {}),
-               ("AGIP, no TA (γ=0)", "agip", {"ta_gamma": 0.0}), AGIP_DEFAULT,
-               ("AGIP + regrowth (φ=0.05)", "agip", {"regrow_fraction": 0.05}), strong(strong_gamma)]
-    top = max(targets)
-    runs = [(*DENSE, 0.0, 0), (*DENSE, 0.0, 1)]
-    runs += [(*m, t, 0) for m in methods for t in targets if not (m == strong(strong_gamma) and t == top)]
-    runs += [(*GMP, top, 1), (*AGIP_DEFAULT, top, 1)]  # the second seed at the largest target
-    return runs
+    def run(self, label, method, overrides, target, seed, lr, phase):
+        key = run_key(method, overrides, target, seed, lr, self.args.steps)
+        if key in self.done:
+            return self.done[key]
+        name = f"{len(self.data['rows']) + 1:03d}-{method}-r{int(100 * target)}-s{seed}"
+        out = os.path.join(self.args.out, "runs", name)
+        cfg = FinetuneConfig(**{**self.common, "method": method, "target_sparsity": target, "seed": seed, "lr": lr,
+                                "out": out, **overrides})
+        t0 = time.time()
+        print(f"[{phase}] {label} r={target} seed={seed} lr={lr:g} ...", flush=True)
+        rep = finetune(cfg)
+
+        def ppl(x):
+            return x["ppl"] if x else None
+
+        row = {"key": key, "phase": phase, "label": label, "method": method, "target": target, "seed": seed,
+               "lr": lr, **overrides, "ppl_before": ppl(rep["ppl_before"]), "ppl_test": ppl(rep["ppl_after"]),
+               "ppl_pruned": ppl(rep.get("ppl_pruned")), "ppl_validation": ppl(rep["ppl_after_validation"]),
+               "ood_before": ppl(rep["ood_before"]), "ood_test": ppl(rep["ood_after"]),
+               "ood_validation": ppl(rep["ood_after_validation"]),
+               "sparsity_prunable": rep["sparsity_prunable"], "sparsity_all": rep["sparsity_all"],
+               "layer_density": rep["layer_density"], "wall_s": time.time() - t0,
+               "tokens_per_s": rep["tokens_per_s"], "scored_tokens": rep["ppl_after"]["scored_tokens"],
+               "ood_scored_tokens": rep["ood_after"]["scored_tokens"] if rep["ood_after"] else None,
+               "seq_len": rep["ppl_after"]["seq_len"]}
+        self.data["rows"].append(row)
+        self.done[key] = row
+        self.save()
+        if not self.args.keep_checkpoints:  # 0.5 GB each for the embedded model; the report stays
+            shutil.rmtree(os.path.join(out, "checkpoint"), ignore_errors=True)
+        print(f"    test ppl {row['ppl_test']:.3f}, validation {row['ppl_validation']:.3f}"
+              + (f", {self.args.ood} test {row['ood_test']:.3f}" if row["ood_test"] else ""), flush=True)
+        return row
+
+    @staticmethod
+    def val_score(row):
+        """Validation score of a run: geometric mean of in-domain and out-of-domain
+        validation perplexity (in domain only when there is no out-of-domain corpus)."""
+        vals = [v for v in (row["ppl_validation"], row.get("ood_validation")) if v]
+        return math.exp(sum(math.log(v) for v in vals) / len(vals))
+
+    def choose_lr(self):
+        rows = {lr: self.run("dense fine-tuning (AdamW)", "adamw", {}, 0.0, 0, lr, "lr") for lr in self.lrs()}
+        best = min(rows, key=lambda lr: rows[lr]["ppl_validation"])
+        self.data["choices"]["lr"] = best
+        self.save()
+        return best
+
+    def lrs(self):
+        return (self.args.lr,) if self.args.lr else LRS
+
+    def choose_default(self, lr):
+        top = max(self.args.targets)
+        rows = [(label, ov, self.run(f"AGIP candidate: {label}", "agip", ov, top, 0, lr, "select"))
+                for label, ov in CANDIDATES]
+        label, ov, _ = min(rows, key=lambda r: self.val_score(r[2]))
+        self.data["choices"]["default"] = {"label": label, "overrides": ov}
+        self.save()
+        return label, ov
+
+    def grid(self, lr, default_label, default_overrides):
+        targets, top = self.args.targets, max(self.args.targets)
+        default = (f"AGIP default ({default_label})", "agip", default_overrides)
+        thesis = ("AGIP thesis preset (Taylor |w·g|, exp, TA γ=1)", "agip", {"preset": "thesis"})
+        wanda = ("Wanda + FT", "wanda", {})
+        dense = ("dense fine-tuning (AdamW)", "adamw", {})
+        runs = [(*dense, 0.0, 0)]
+        runs += [(*default, t, 0) for t in targets] + [(*wanda, t, 0) for t in targets]
+        runs += [(*thesis, t, 0) for t in targets]
+        runs += [(*m, t, 0) for m in (("GMP (cubic, magnitude)", "gmp", {}), ("one-shot magnitude + FT", "magnitude", {}))
+                 for t in targets]
+        runs += [(*m, 0.0 if m is dense else top, s) for s in (1, 2) for m in (dense, wanda, default)]
+        for label, method, ov, target, seed in runs:
+            self.run(label, method, ov, target, seed, lr, "grid")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dataset", default="wiki-mini")
+    ap.add_argument("--ood", default="pydoc", help="out-of-domain evaluation corpus ('' for none)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "quality"))
-    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--block-size", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=None, help="skip the lr phase and use this lr")
     ap.add_argument("--eval-max-tokens", type=int, default=8192)
     ap.add_argument("--eval-seq-len", type=int, default=None)
     ap.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.5])
+    ap.add_argument("--phase", nargs="+", choices=PHASES, default=list(PHASES))
+    ap.add_argument("--keep-checkpoints", action="store_true")
     ap.add_argument("--quick", action="store_true", help="2 steps, short evaluations: checks the pipeline only")
-    ap.add_argument("--report-only", action="store_true", help="rebuild quality.md / quality.png from quality.json")
+    ap.add_argument("--report-only", action="store_true", help="rebuild the table and plot from the JSON")
     args = ap.parse_args(argv)
-    if args.report_only:
-        with open(os.path.join(args.out, "quality.json")) as f:
-            data = json.load(f)
-        write_outputs(data["rows"], data["settings"], args.out)
-        return
     if args.quick:
         args.steps, args.eval_max_tokens = 2, min(args.eval_max_tokens, 512)
+    args.ood = args.ood or None
     os.makedirs(args.out, exist_ok=True)
-    common = dict(model=args.model, dataset=args.dataset, steps=args.steps, batch_size=args.batch_size,
-                  block_size=args.block_size, lr=args.lr, eval_max_tokens=args.eval_max_tokens,
-                  eval_seq_len=args.eval_seq_len, progress=not args.quick)
-    results = []
-
-    def run(label, method, overrides, target, seed, validation=False):
-        name = f"{len(results) + 1:02d}-{method}-r{int(100 * target)}-s{seed}"
-        cfg = FinetuneConfig(**{**common, "method": method, "target_sparsity": target, "seed": seed,
-                                "eval_validation": validation, "out": os.path.join(args.out, "runs", name),
-                                **overrides})
-        t0 = time.time()
-        rep = finetune(cfg)
-        row = {"label": label, "method": method, "target": target, "seed": seed, **overrides,
-               "ppl_before": rep["ppl_before"]["ppl"], "ppl_test": rep["ppl_after"]["ppl"],
-               "ppl_pruned": rep["ppl_pruned"]["ppl"] if rep.get("ppl_pruned") else None,
-               "ppl_validation": rep["ppl_after_validation"]["ppl"] if rep.get("ppl_after_validation") else None,
-               "sparsity_prunable": rep["sparsity_prunable"], "sparsity_all": rep["sparsity_all"],
-               "wall_s": time.time() - t0, "tokens_per_s": rep["tokens_per_s"],
-               "scored_tokens": rep["ppl_after"]["scored_tokens"], "seq_len": rep["ppl_after"]["seq_len"]}
-        results.append(row)
-        print(f"[{len(results)}] {label} r={target} seed={seed}: test ppl {row['ppl_test']:.3f}"
-              + (f" (validation {row['ppl_validation']:.3f})" if row["ppl_validation"] else ""), flush=True)
-        with open(os.path.join(args.out, "quality.json"), "w") as f:  # partial results survive a crash
-            json.dump({"settings": common, "rows": results}, f, indent=2)
-        return row
-
-    # the strong-TA sweep, on the validation split at the largest target (its test
-    # perplexity is that setting's row in the table)
-    top = max(args.targets)
-    sweep = {g: run(*strong(g), top, 0, validation=True) for g in STRONG}
-    best = min(sweep, key=lambda g: sweep[g]["ppl_validation"])
-    for label, method, overrides, target, seed in grid(args.targets, best):
-        run(label, method, overrides, target, seed)
-    write_outputs(results, common, args.out)
+    study = Study(args)
+    if not args.report_only:
+        lr = study.data["choices"].get("lr") or (study.choose_lr() if "lr" in args.phase else None)
+        if lr is None:
+            sys.exit("no lr chosen yet: run the 'lr' phase first, or pass --lr")
+        chosen = study.data["choices"].get("default")
+        if chosen is None and "select" in args.phase:
+            label, ov = study.choose_default(lr)
+        elif chosen is not None:
+            label, ov = chosen["label"], chosen["overrides"]
+        if "grid" in args.phase:
+            if chosen is None and "select" not in args.phase:
+                sys.exit("no default chosen yet: run the 'select' phase first")
+            study.grid(lr, label, ov)
+    write_outputs(study.data, args.out, args.steps)
 
 
-def write_outputs(rows, settings, out):
+def write_outputs(data, out, steps):
+    """``study-<steps>.md`` (tables) and ``study-<steps>.png`` (perplexity against sparsity)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    before = rows[0]["ppl_before"]
-    sweep = {r["ta_gamma"]: r for r in rows if r["ppl_validation"] is not None}
-    best = min(sweep, key=lambda g: sweep[g]["ppl_validation"])
+    rows, s = data["rows"], data["settings"]
+    if not rows:
+        print("no runs recorded yet")
+        return
+    r0 = rows[0]
+    ood = s.get("eval_ood")
     lines = [
-        f"Test perplexity on the first {settings['eval_max_tokens']:,} tokens of the test split "
-        f"({rows[0]['scored_tokens']:,} scored, L={rows[0]['seq_len']}, non-overlapping windows); "
-        f"{settings['steps']} steps × {settings['batch_size']}×{settings['block_size']} tokens for every method, "
-        f"lr {settings['lr']} (linear warm-up and decay), seed 0 unless noted.",
+        f"{s['steps']} steps × {s['batch_size']}×{s['block_size']} tokens for every method, linear warm-up and "
+        f"decay; test perplexity on the first {s['eval_max_tokens']:,} tokens of the test split "
+        f"({r0['scored_tokens']:,} scored, L={r0['seq_len']}, non-overlapping windows)"
+        + (f"; out of domain: {ood} test split ({r0['ood_scored_tokens']:,} scored tokens)" if ood else "")
+        + f". Dense model before fine-tuning: {r0['ppl_before']:.3f}" + (f" ({ood}: {r0['ood_before']:.3f})" if ood else "")
+        + ".",
         "",
-        "| method | target | seed | test ppl | ppl right after one-shot pruning | sparsity prunable | sparsity all | wall s | tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| dense model, before fine-tuning | 0 | - | {before:.3f} | | 0.00% | 0.00% | | |",
+        f"Chosen on validation: lr {data['choices'].get('lr', '(not yet)')}; default "
+        f"{data['choices'].get('default', {}).get('label', '(not yet)')}.",
+        "",
+        "| phase | method | target | seed | lr | test ppl | " + (f"{ood} test ppl | " if ood else "")
+        + "valid. ppl | " + (f"{ood} valid. ppl | " if ood else "")
+        + "after one-shot pruning | sparsity prunable / all | wall s | tokens/s |",
+        "|---|---|---|---|---|---|" + ("---|" if ood else "") + "---|" + ("---|" if ood else "") + "---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: (r["target"], r["label"], r["seed"])):
-        pruned = f"{r['ppl_pruned']:.3f}" if r["ppl_pruned"] else ""
-        lines.append(f"| {r['label']} | {r['target']:.1f} | {r['seed']} | {r['ppl_test']:.3f} | {pruned} | "
-                     f"{100 * r['sparsity_prunable']:.2f}% | {100 * r['sparsity_all']:.2f}% | {r['wall_s']:.0f} | "
-                     f"{r['tokens_per_s']:.0f} |")
-    lines += ["", "Strong-TA sweep at the largest target (validation perplexity, chosen: "
-              f"γ=C={best:g}): " + ", ".join(f"γ=C={g:g}: {s['ppl_validation']:.3f}" for g, s in sweep.items())]
-    with open(os.path.join(out, "quality.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    ax.axhline(before, color="gray", ls=":", label="dense, before fine-tuning")
-    dense = [r["ppl_test"] for r in rows if r["method"] == "adamw"]
-    if dense:
-        ax.axhline(sum(dense) / len(dense), color="black", ls="--", label="dense fine-tuning")
-    by_label = {}
+    order = {p: i for i, p in enumerate(PHASES)}
+    for r in sorted(rows, key=lambda r: (order.get(r["phase"], 9), r["target"], r["label"], r["seed"], r["lr"])):
+        def f(x):
+            return f"{x:.3f}" if x else ""
+        lines.append(f"| {r['phase']} | {r['label']} | {r['target']:.1f} | {r['seed']} | {r['lr']:g} | "
+                     f"{f(r['ppl_test'])} | " + (f"{f(r['ood_test'])} | " if ood else "")
+                     + f"{f(r['ppl_validation'])} | " + (f"{f(r['ood_validation'])} | " if ood else "")
+                     + f"{f(r['ppl_pruned'])} | {100 * r['sparsity_prunable']:.1f}% / {100 * r['sparsity_all']:.1f}% | "
+                     f"{r['wall_s']:.0f} | {r['tokens_per_s']:.0f} |")
+    # means over seeds of the grid rows
+    groups = {}
     for r in rows:
-        if r["method"] != "adamw" and r["seed"] == 0:
-            by_label.setdefault(r["label"], []).append((100 * r["sparsity_prunable"], r["ppl_test"]))
-    for label, pts in by_label.items():
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
-    wanda = sorted((100 * r["sparsity_prunable"], r["ppl_pruned"]) for r in rows if r["method"] == "wanda")
-    if wanda:
-        ax.plot([p[0] for p in wanda], [p[1] for p in wanda], "x--", label="Wanda, no fine-tuning")
-    ax.set_xlabel("sparsity of the prunable weights (%)")
-    ax.set_ylabel("test perplexity")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    ax.set_title("perplexity against sparsity, same budget for every method")
+        if r["phase"] == "grid" or (r["phase"] in ("lr", "select") and r["label"].startswith("dense")):
+            groups.setdefault((r["label"], r["target"], r["lr"]), []).append(r)
+    lines += ["", "Grid means over seeds:", "", "| method | target | seeds | mean test ppl | "
+              + (f"mean {ood} test ppl |" if ood else ""), "|---|---|---|---|" + ("---|" if ood else "")]
+    for (label, target, lr), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if lr != data["choices"].get("lr"):
+            continue
+        mean = sum(r["ppl_test"] for r in rs) / len(rs)
+        ood_mean = sum(r["ood_test"] for r in rs) / len(rs) if ood else None
+        lines.append(f"| {label} | {target:.1f} | {len(rs)} | {mean:.3f} | " + (f"{ood_mean:.3f} |" if ood else ""))
+    with open(os.path.join(out, f"study-{steps}.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    fig, axes = plt.subplots(1, 2 if ood else 1, figsize=(12 if ood else 7, 4.5), squeeze=False)
+    for ax, key, title in zip(axes[0], ("ppl_test", "ood_test"), ("wiki-mini test", f"{ood} test (out of domain)")):
+        by_label = {}
+        for r in rows:
+            if r["phase"] == "grid" and r["method"] != "adamw":
+                by_label.setdefault(r["label"], {}).setdefault(r["target"], []).append(r[key])
+        dense = [r[key] for r in rows if r["method"] == "adamw" and r["lr"] == data["choices"].get("lr")]
+        if dense:
+            ax.axhline(sum(dense) / len(dense), color="black", ls="--", label="dense fine-tuning")
+        for label, pts in by_label.items():
+            xs = sorted(pts)
+            ax.plot([100 * x for x in xs], [sum(pts[x]) / len(pts[x]) for x in xs], "o-", label=label)
+        ax.set_xlabel("sparsity of the prunable weights (%)")
+        ax.set_ylabel("perplexity (mean over seeds)")
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "quality.png"), dpi=110)
+    fig.savefig(os.path.join(out, f"study-{steps}.png"), dpi=110)
     print("\n".join(lines))
-    print(f"wrote {out}/quality.json, quality.md, quality.png")
+    print(f"wrote {out}/study-{steps}.json, .md, .png")
 
 
 if __name__ == "__main__":

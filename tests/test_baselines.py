@@ -88,19 +88,24 @@ def test_harness_methods(method, gpt2_dir, corpus_dir, tmp_path):
         assert all(h["sparsity_prunable"] == rep["sparsity_prunable"] for h in rep["history"])
 
 
-def test_quality_quick_runs_the_whole_grid(gpt2_dir, corpus_dir, tmp_path):
-    res = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "quality.py"), "--quick", "--model", gpt2_dir,
-         "--dataset", corpus_dir, "--out", str(tmp_path), "--block-size", "32", "--batch-size", "2",
-         "--eval-seq-len", "64"],
-        capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+def test_quality_quick_runs_every_phase_and_resumes(gpt2_dir, corpus_dir, tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "quality.py"), "--quick", "--model", gpt2_dir,
+           "--dataset", corpus_dir, "--out", str(tmp_path), "--block-size", "32", "--batch-size", "2",
+           "--eval-seq-len", "64"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(cmd + ["--phase", "lr", "select"], capture_output=True, text=True, timeout=900, env=env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    rows = json.loads((tmp_path / "quality.json").read_text())["rows"]
-    methods = {r["method"] for r in rows}
-    assert methods == {"adamw", "gmp", "magnitude", "wanda", "agip"}
-    assert len(rows) == 19
+    data = json.loads((tmp_path / "study-2.json").read_text())
+    assert len(data["rows"]) == 3 + 4 and set(data["choices"]) == {"lr", "default"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)  # continues: grid only
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert res.stdout.count("[lr]") == 0 and res.stdout.count("[select]") == 0  # recorded runs are not redone
+    rows = json.loads((tmp_path / "study-2.json").read_text())["rows"]
+    assert len(rows) == 3 + 4 + 15 and len({r["key"] for r in rows}) == len(rows)
+    assert {r["method"] for r in rows} == {"adamw", "gmp", "magnitude", "wanda", "agip"}
     assert {r["target"] for r in rows} == {0.0, 0.3, 0.5}
-    assert sum(1 for r in rows if r["seed"] == 1) == 3
-    assert (tmp_path / "quality.md").read_text().count("\n|") >= 20
-    assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
+    assert all(r["ood_test"] and r["ood_validation"] and r["ppl_validation"] for r in rows)
+    assert sum(1 for r in rows if r["seed"] == 2) == 3
+    assert (tmp_path / "study-2.md").read_text().count("\n|") >= 25
+    assert (tmp_path / "study-2.png").read_bytes()[:4] == b"\x89PNG"
+    assert not any((tmp_path / "runs").glob("*/checkpoint"))  # checkpoints are removed after each run

@@ -1,0 +1,121 @@
+"""The pruning methods of the harness, each one small object with the same hooks
+(docs/design.md, "Methods in the harness"):
+
+- ``optimizer(cfg, model)``: the optimizer it trains with;
+- ``before_training(model, opt, calibration) -> bool``: one-shot pruning before training
+  (True when it pruned, so the harness measures the perplexity right after);
+- ``after_step(step, opt)``: pruning between steps (GMP);
+- ``scheduled(step, report) -> float``: the sparsity it aims at after ``step`` steps.
+
+``agip.train.finetune`` calls the hooks and never branches on a method's name. AGIP prunes
+inside its optimizer, so its hooks do nothing. The baselines train with the same masked
+AdamW (AGIP with ta_gamma=0 and no pruning steps of its own); their masks come from
+:mod:`agip.baselines` through ``AGIP.apply_masks``.
+"""
+from __future__ import annotations
+
+from . import baselines
+
+
+class Method:
+    """AGIP itself: the optimizer prunes; the hooks do nothing."""
+
+    name = "agip"
+    help = "AGIP: prune inside the optimizer while fine-tuning (the preset decides the score and schedule)"
+
+    def optimizer(self, cfg, model):
+        import agip
+
+        return agip.AGIP(agip.param_groups(model, weight_decay=cfg.weight_decay), lr=cfg.lr,
+                         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, ta_gamma=cfg.ta_gamma,
+                         ta_beta=cfg.ta_beta, ta_clip=cfg.ta_clip, ta_loss_floor=cfg.ta_loss_floor,
+                         target_sparsity=cfg.target_sparsity, schedule=cfg.schedule, total_steps=cfg.steps,
+                         prune_interval=cfg.prune_interval, regrow_fraction=cfg.regrow_fraction,
+                         saliency_ema=cfg.saliency_ema, stability=cfg.stability, saliency=cfg.saliency,
+                         fisher_power=cfg.fisher_power, preset=cfg.preset, backend=cfg.backend)
+
+    def before_training(self, model, opt, calibration) -> bool:
+        return False
+
+    def after_step(self, step: int, opt) -> None:
+        pass
+
+    def scheduled(self, step: int, report: dict) -> float:
+        return report["scheduled_sparsity"]
+
+
+class Dense(Method):
+    name = "adamw"
+    help = "dense fine-tuning: AdamW + clipping, no pruning"
+
+    def optimizer(self, cfg, model):  # TAAdamW with ta_gamma=0 is exactly AdamW + clip_grad_norm_
+        import agip
+
+        return agip.TAAdamW(agip.param_groups(model, weight_decay=cfg.weight_decay), lr=cfg.lr,
+                            weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, ta_gamma=0.0,
+                            backend=cfg.backend)
+
+
+class Masked(Method):
+    """A baseline: masked AdamW whose masks come from outside the optimizer."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def optimizer(self, cfg, model):  # no pruning steps of its own: its warm-up lies beyond the run
+        import agip
+
+        return agip.AGIP(agip.param_groups(model, weight_decay=cfg.weight_decay), lr=cfg.lr,
+                         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, ta_gamma=0.0,
+                         target_sparsity=cfg.target_sparsity, total_steps=cfg.steps, warmup_steps=cfg.steps + 1,
+                         stability=False, backend=cfg.backend)
+
+    def scheduled(self, step: int, report: dict) -> float:
+        return self.cfg.target_sparsity
+
+
+class Magnitude(Masked):
+    name = "magnitude"
+    help = "one-shot global magnitude pruning, then fine-tuning with the mask fixed"
+
+    def before_training(self, model, opt, calibration) -> bool:
+        opt.apply_masks(baselines.magnitude_masks(opt, self.cfg.target_sparsity))
+        return True
+
+
+class Wanda(Masked):
+    name = "wanda"
+    help = "one-shot Wanda (|W|·||X|| per output row), then fine-tuning with the mask fixed"
+
+    def before_training(self, model, opt, calibration) -> bool:
+        opt.apply_masks(baselines.wanda_masks(model, opt, self.cfg.target_sparsity, calibration()))
+        return True
+
+
+class GMP(Masked):
+    name = "gmp"
+    help = "gradual magnitude pruning: cubic schedule, global magnitude threshold, re-applied gmp_events times"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        # gmp_events evenly spaced re-prunings, the last one after the last step
+        self.events = {round(i * cfg.steps / cfg.gmp_events) for i in range(1, cfg.gmp_events + 1)}
+
+    def after_step(self, step: int, opt) -> None:
+        if step in self.events:
+            cfg = self.cfg
+            opt.apply_masks(baselines.magnitude_masks(opt, baselines.gmp_ratio(step, cfg.steps, cfg.target_sparsity)))
+
+    def scheduled(self, step: int, report: dict) -> float:
+        return baselines.gmp_ratio(step, self.cfg.steps, self.cfg.target_sparsity)
+
+
+METHODS = {"agip": Method, "adamw": Dense, "gmp": GMP, "magnitude": Magnitude, "wanda": Wanda}
+
+
+def make(cfg) -> Method:
+    """The method object of ``cfg.method``."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"--method must be one of {tuple(METHODS)}, got {cfg.method!r}")
+    cls = METHODS[cfg.method]
+    return cls(cfg) if issubclass(cls, Masked) else cls()

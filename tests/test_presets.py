@@ -1,0 +1,48 @@
+"""Presets (algorithm.md §5): ``preset="thesis"`` is the thesis' method exactly, as the
+package computed it before the Fisher score and the product default existed; the default
+preset is the Fisher score; explicit arguments override a preset."""
+import hashlib
+
+import pytest
+import torch
+
+import agip
+from agip.optimizer import PRESETS
+from conftest import TinyLM, train
+
+# sha256 of the weights and masks after the run below, computed by the package at commit
+# 3ae5a70 (before presets, when the thesis' settings were the only defaults), reference
+# backend, torch 2.13 on the CPU. Another torch may round differently: then it is skipped.
+BEFORE_PRESETS = "cdec05a35b7c23e662a333dc88bc541ce81809e3d1a4b8ea3b7af6f453de223e"
+
+
+def run(**kw):
+    model = TinyLM()
+    opt = agip.AGIP(agip.param_groups(model), lr=1e-2, target_sparsity=0.5, total_steps=16, regrow_fraction=0.1,
+                    backend="reference", **kw)
+    train(model, opt, 16)
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().numpy().tobytes())
+        if "mask" in opt.state[p]:
+            h.update(opt.state[p]["mask"].numpy().tobytes())
+    return h.hexdigest(), opt
+
+
+@pytest.mark.skipif(not torch.__version__.startswith("2.13."), reason="the digest was recorded with torch 2.13")
+def test_thesis_preset_reproduces_the_package_before_presets_bit_for_bit():
+    digest, opt = run(preset="thesis")
+    assert digest == BEFORE_PRESETS
+    assert opt.config["saliency"] == "taylor" and opt.config["schedule"] == "exp"
+
+
+def test_thesis_preset_is_its_settings_and_explicit_arguments_win():
+    thesis, _ = run(preset="thesis")
+    explicit, _ = run(preset="default", **PRESETS["thesis"])  # every preset setting given explicitly
+    assert thesis == explicit
+    default, opt = run()
+    assert default != thesis
+    assert opt.config["saliency"] == "fisher" and opt.config["preset"] == "default"
+    _, opt = run(preset="thesis", saliency="fisher", fisher_power=0.25)
+    assert opt.config["saliency"] == "fisher" and opt.config["fisher_power"] == 0.25
+    assert opt.config["schedule"] == "exp"  # the rest stays the thesis'
