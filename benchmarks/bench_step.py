@@ -1,10 +1,11 @@
 """Step micro-benchmark: one AGIP step against torch's fused AdamW + clip_grad_norm_.
 
-For each size and each backend that runs on the device, times a non-pruning step and a
-pruning step (prune_interval=1, exact threshold every step), interleaved with the
+For each size and each backend that runs on the device, times a non-pruning step and, for
+each score (Taylor |w·g|, Fisher |w|·√v), a pruning step of a sparsity *ramp* (every timed
+step prunes new entries: theta > 0, the exact threshold every step), interleaved with the
 baseline in one run; reports medians, effective GB/s by the byte model of
-``agip/kernels`` (non-pruning 34 B/param, pruning 48 B/param, fp32) and the ratio to
-``torch.optim.AdamW(fused=True)`` + ``clip_grad_norm_``. Buffers are shaped like
+docs/design.md (non-pruning 34 B/param, Taylor pruning 48, Fisher pruning 61, fp32) and
+the ratio to ``torch.optim.AdamW(fused=True)`` + ``clip_grad_norm_``. Buffers are shaped like
 SmolLM2-135M (per layer q, o 576x576; k, v 576x192; gate, up 576x1536; down 1536x576;
 a tied 49152x576 embedding; norms), with the layer count and embedding scaled to size.
 
@@ -27,7 +28,7 @@ import torch
 import agip
 from agip import backends
 
-BYTES = {"step": 34, "prune-step": 48}  # per parameter, fp32 (agip/kernels docstrings)
+BYTES = {"step": 34, "prune-taylor": 48, "prune-fisher": 61}  # per parameter, fp32 (docs/design.md)
 HIDDEN, INTER, KV, VOCAB, LAYERS = 576, 1536, 192, 49152, 30
 LAYER_SHAPES = [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN),
                 (INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER)]
@@ -116,13 +117,18 @@ def main(argv=None):
         configs[("torch-fused-adamw+clip", "step")] = base_step
         n_params = sum(p.numel() for p in base_params)
         n_prunable = sum(p.numel() for p in base_params[: len(prunable_shapes)])
+        calls = args.warmup + args.reps + 1
         for name in names:
-            for kind, interval in (("step", 10**9), ("prune-step", 1)):
+            for kind, interval, saliency in (("step", 10**9, "fisher"), ("prune-taylor", 1, "taylor"),
+                                             ("prune-fisher", 1, "fisher")):
                 params = make_params(prunable_shapes + other_shapes, device, 0)
                 groups = [{"params": params[: len(prunable_shapes)], "prune": True},
                           {"params": params[len(prunable_shapes):], "weight_decay": 0.0}]
-                opt = agip.AGIP(groups, target_sparsity=0.5, schedule="oneshot", warmup_steps=0,
-                                prune_interval=interval, backend=name)
+                # a cubic ramp to 50% that is still climbing at the last timed call: every
+                # pruning step prunes new entries above the previous theta
+                opt = agip.AGIP(groups, target_sparsity=0.5, schedule="cubic", total_steps=2 * calls, warmup_steps=0,
+                                prune_interval=interval, saliency=saliency, ta_gamma=0.0, stability=False,
+                                backend=name)
                 configs[(name, kind)] = (lambda o=opt: o.step(loss=2.5))
         for _ in range(args.warmup):
             for fn in configs.values():
@@ -138,12 +144,12 @@ def main(argv=None):
         del configs, base_params, base_opt
 
     print(f"device: {device_name(device)}   torch {torch.__version__}   reps {args.reps} (medians)")
-    header = f"{'params':>8} {'backend':<24} {'step':<11} {'median ms':>10} {'GB/s (model)':>13} {'x fused AdamW':>14}"
+    header = f"{'params':>8} {'backend':<24} {'step':<13} {'median ms':>10} {'GB/s (model)':>13} {'x fused AdamW':>14}"
     print(header)
     print("-" * len(header))
     for r in rows:
         gb = f"{r['gbps_by_model']:.1f}" if "gbps_by_model" in r else "-"
-        print(f"{r['size_m']:>7}M {r['backend']:<24} {r['step']:<11} {r['median_ms']:>10.2f} {gb:>13} {r['ratio_to_fused_adamw']:>14.2f}")
+        print(f"{r['size_m']:>7}M {r['backend']:<24} {r['step']:<13} {r['median_ms']:>10.2f} {gb:>13} {r['ratio_to_fused_adamw']:>14.2f}")
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"bench_step-{device.type}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:

@@ -18,7 +18,8 @@ def test_bench_step_writes_table_and_json(tmp_path):
     assert "x fused AdamW" in res.stdout
     data = json.loads(out.read_text())
     kinds = {(r["backend"], r["step"]) for r in data["rows"]}
-    assert kinds == {("torch-fused-adamw+clip", "step"), ("reference", "step"), ("reference", "prune-step")}
+    assert kinds == {("torch-fused-adamw+clip", "step"), ("reference", "step"), ("reference", "prune-taylor"),
+                     ("reference", "prune-fisher")}
     assert all(r["median_ms"] > 0 for r in data["rows"])
     assert data["device"]
 

@@ -78,9 +78,11 @@ class FusedDriver:
             sc["window"] = window
         if regrow:
             sc["grow"].zero_()
+        # the Fisher score's own pass (G^2 already known) walks the prunable segment only
+        end = (lambda b: b.n_prunable) if saliency and plan.fisher else (lambda b: b.numel)
         partials = [
-            self.stats(b.g, b.w, b.v, b.mask, b.ema, b.n_prunable, saliency, regrow, *plan.score_args(),
-                       plan.ema_keep, plan.ema_new, window[0], window[1], sc["sal"], sc["grow"])
+            self.stats(b.g[: end(b)], b.w[: end(b)], b.v[: end(b)], b.mask, b.ema, b.n_prunable, saliency, regrow,
+                       *plan.score_args(), plan.ema_keep, plan.ema_new, window[0], window[1], sc["sal"], sc["grow"])
             for b in flat.buckets
         ]
         return float(torch.cat([p.double() for p in partials]).sum())
