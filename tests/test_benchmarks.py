@@ -35,3 +35,17 @@ def test_bench_threshold_agrees_with_kthvalue(tmp_path):
     assert "(all agree)" in res.stdout  # the script exits non-zero when any theta differs
     methods = [r["method"] for r in json.loads(out.read_text())["rows"]]
     assert methods[0] == "torch.kthvalue" and len(methods) >= 2
+
+
+def test_gpu_check_says_so_in_one_line_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("a GPU is present: gpu_check.py would run the real check")
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().count("\n") == 0 and "no CUDA GPU" in res.stdout
+    assert not any(tmp_path.iterdir())
