@@ -139,9 +139,9 @@ class Study:
         thesis = ("AGIP thesis preset (Taylor |w·g|, exp, TA γ=1)", "agip", {"preset": "thesis"})
         wanda = ("Wanda + FT", "wanda", {})
         dense = ("dense fine-tuning (AdamW)", "adamw", {})
+        # the most telling comparisons first, so a study stopped early has them
         runs = [(*dense, 0.0, 0)]
-        runs += [(*default, t, 0) for t in targets] + [(*wanda, t, 0) for t in targets]
-        runs += [(*thesis, t, 0) for t in targets]
+        runs += [(*m, t, 0) for t in sorted(targets, reverse=True) for m in (default, wanda, thesis)]
         runs += [(*m, t, 0) for m in (("GMP (cubic, magnitude)", "gmp", {}), ("one-shot magnitude + FT", "magnitude", {}))
                  for t in targets]
         runs += [(*m, 0.0 if m is dense else top, s) for s in (1, 2) for m in (dense, wanda, default)]
