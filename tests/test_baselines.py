@@ -109,3 +109,20 @@ def test_quality_quick_runs_every_phase_and_resumes(gpt2_dir, corpus_dir, tmp_pa
     assert (tmp_path / "study-2.md").read_text().count("\n|") >= 25
     assert (tmp_path / "study-2.png").read_bytes()[:4] == b"\x89PNG"
     assert not any((tmp_path / "runs").glob("*/checkpoint"))  # checkpoints are removed after each run
+
+
+@pytest.mark.parametrize("steps,events", [(24, 10), (100, 10), (7, 10), (60, 3)])
+def test_gmp_reprunes_exactly_gmp_events_times_the_last_at_the_end(monkeypatch, steps, events):
+    from types import SimpleNamespace
+
+    from agip import methods
+
+    calls = []
+    monkeypatch.setattr(baselines, "magnitude_masks", lambda opt, ratio: calls.append(ratio) or {})
+    opt = SimpleNamespace(apply_masks=lambda masks: None)
+    cfg = SimpleNamespace(steps=steps, gmp_events=events, target_sparsity=0.5)
+    gmp = methods.GMP(cfg)
+    for step in range(1, steps + 1):
+        gmp.after_step(step, opt)
+    assert len(calls) == min(events, steps) and calls[-1] == 0.5
+    assert calls == sorted(calls)
