@@ -260,8 +260,43 @@ def write_outputs(data, out, steps):
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out, f"study-{steps}.png"), dpi=110)
+    plt.close(fig)
+    write_density(data, out, steps, plt)
     print("\n".join(lines))
     print(f"wrote {out}/study-{steps}.json, .md, .png")
+
+
+def write_density(data, out, steps, plt):
+    """``study-<steps>-density.png``: per-layer density of the chosen default next to the
+    thesis preset at the largest target (seed 0), when both runs are recorded."""
+    from agip.report import density_grid
+
+    chosen = data["choices"].get("default")
+    if chosen is None:
+        return
+    top = max(r["target"] for r in data["rows"])
+    pick = {}
+    for r in data["rows"]:
+        if r["method"] != "agip" or r["seed"] != 0 or r["target"] != top or r["lr"] != data["choices"].get("lr"):
+            continue
+        if r.get("preset") == "thesis":
+            pick["thesis"] = r
+        elif all(r.get(k) == v for k, v in chosen["overrides"].items()):
+            pick["default"] = r
+    if len(pick) < 2:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 7), sharey=True)
+    for ax, kind in zip(axes, ("default", "thesis")):
+        r = pick[kind]
+        blocks, kinds, grid = density_grid(r["layer_density"])
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        ax.set_xticks(range(len(kinds)), [k.split(".")[-1] for k in kinds], rotation=45, ha="right")
+        ax.set_yticks(range(len(blocks)), blocks)
+        ax.set_title(f"{r['label']}\n{100 * r['sparsity_prunable']:.0f}% pruned", fontsize=8)
+    axes[0].set_ylabel("block")
+    fig.colorbar(im, ax=axes, label="share of weights kept")
+    fig.savefig(os.path.join(out, f"study-{steps}-density.png"), dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

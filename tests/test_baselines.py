@@ -108,6 +108,7 @@ def test_quality_quick_runs_every_phase_and_resumes(gpt2_dir, corpus_dir, tmp_pa
     assert sum(1 for r in rows if r["seed"] == 2) == 3
     assert (tmp_path / "study-2.md").read_text().count("\n|") >= 25
     assert (tmp_path / "study-2.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "study-2-density.png").read_bytes()[:4] == b"\x89PNG"  # default next to thesis
     assert not any((tmp_path / "runs").glob("*/checkpoint"))  # checkpoints are removed after each run
 
 
