@@ -74,14 +74,16 @@ def save(path: str, model, tokenizer, optimizer=None, scheduler=None, state: dic
 
 
 def is_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MODEL_FILE)) and os.path.isfile(os.path.join(path, "config.json"))
+    """An AGIP checkpoint (``agip finetune``'s), not any ``save_pretrained`` folder: it also
+    holds the training state."""
+    return all(os.path.isfile(os.path.join(path, f)) for f in (MODEL_FILE, "config.json", "trainer_state.json"))
 
 
 def load_model(path: str, dtype=torch.float32):
     """(model, tokenizer, trainer_state) of a checkpoint folder."""
     if not is_checkpoint(path):
         raise FileNotFoundError(
-            f"{path} is not an AGIP checkpoint (no {MODEL_FILE} and config.json); "
+            f"{path} is not an AGIP checkpoint (no {MODEL_FILE}, config.json and trainer_state.json); "
             "pass the folder that `agip finetune` wrote (its --out, subfolder 'checkpoint')"
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -55,6 +55,15 @@ def test_eval_cli_measures_a_checkpoint(gpt2_dir, corpus_dir, tmp_path, capsys):
     assert f"{report['ppl_after']['ppl']:.3f}" in out and "L=64" in out
 
 
+def test_eval_cli_measures_a_plain_save_pretrained_folder(gpt2_dir, corpus_dir, capsys):
+    # gpt2_dir is a save_pretrained folder (model + tokenizer, no AGIP training state)
+    assert not checkpoint.is_checkpoint(gpt2_dir)
+    assert main(["eval", gpt2_dir, "--dataset", corpus_dir, "--seq-len", "64", "--max-tokens", "512",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "perplexity on" in out and "L=64" in out and "zero weights: 0 of" in out
+
+
 def test_resume_after_a_crash_is_bit_identical(gpt2_dir, corpus_dir, tmp_path, monkeypatch):
     straight = finetune(config(gpt2_dir, corpus_dir, tmp_path / "a", steps=6, checkpoint_every=3,
                                regrow_fraction=0.1))
