@@ -180,3 +180,27 @@ def test_bad_arguments_fail_with_clear_messages(gpt2_dir, corpus_dir, tmp_path, 
     assert code == 2 and "no checkpoint" in err
     code, err = run_cli(["eval", str(tmp_path / "nowhere"), "--dataset", corpus_dir, "--no-progress"], capsys)
     assert code == 2 and "could not load" in err
+
+
+def test_bf16_autocast_run_prunes_with_fp32_state(gpt2_dir, corpus_dir, tmp_path):
+    report = finetune(config(gpt2_dir, corpus_dir, tmp_path / "bf16", steps=4, bf16=True))
+    assert report["sparsity_prunable"] == pytest.approx(0.5, abs=1e-4)
+    assert all(math.isfinite(h["loss"]) for h in report["history"]) and report["skipped_steps"] == 0
+    assert math.isfinite(report["ppl_after"]["ppl"])
+
+
+def test_gradient_accumulation_loss_is_the_mean_of_the_micro_batch_losses(gpt2_dir, corpus_dir, tmp_path, monkeypatch):
+    import agip.train
+
+    seen, real_load = [], agip.train.load_model
+
+    def load(name, *a, **kw):  # record every training-mode forward loss of the model
+        model, tok = real_load(name, *a, **kw)
+        model.register_forward_hook(lambda m, args, out: seen.append(float(out.loss)) if m.training else None)
+        return model, tok
+
+    monkeypatch.setattr(agip.train, "load_model", load)
+    report = finetune(config(gpt2_dir, corpus_dir, tmp_path / "accum", steps=3, grad_accum=2))
+    assert len(seen) == 6
+    for h, pair in zip(report["history"], zip(seen[0::2], seen[1::2])):
+        assert h["loss"] == pytest.approx(sum(pair) / 2, rel=1e-6)  # E_t (algorithm.md §0)

@@ -35,8 +35,11 @@ def test_trainer_prunes_with_agip(tmp_path):
         disable_tqdm=True,
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Blocks(), optimizers=(opt, sched))
-    trainer.train()
+    result = trainer.train()
     rep = opt.sparsity_report()
+    # the losses AGIP saw are the Trainer's: their mean is the Trainer's train_loss
+    assert len(opt.schedule.losses) == T
+    assert sum(opt.schedule.losses) / T == pytest.approx(result.training_loss, rel=1e-5)
     assert opt.step_count == T and rep["skipped_steps"] == 0
     assert rep["sparsity_prunable"] == pytest.approx(0.4, abs=1e-3)
     assert rep["ta_scale"] > 0  # the loss reached the TA term

@@ -88,6 +88,7 @@ def test_prune_interval_changes_the_mask_only_on_pruning_steps():
     train(model, opt, 20, after_step=lambda t: seen.append(opt.sparsity_report()["n_pruned"]))
     changes = [t + 1 for t in range(1, 20) if seen[t] != seen[t - 1]]
     assert changes and all((t - 2) % 5 == 0 for t in changes), changes
+    assert seen[-1] == int(0.5 * opt._flat.n_prunable)  # the last pruning step (17) snaps to the target
 
 
 def test_saliency_ema_is_kept_and_zero_on_pruned_entries():
