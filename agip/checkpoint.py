@@ -2,14 +2,20 @@
 config and tokenizer, the masks (``masks.safetensors``), the optimizer and LR-scheduler
 state (``optimizer.pt``) and the training state (``trainer_state.json``).
 
-Writes are atomic: everything goes to a temporary folder beside the target, which then
-replaces the target in one rename, so a killed run never leaves a half-written
-checkpoint that loads.
+Writes are atomic: each save writes a new versioned folder beside the target
+(``.checkpoint-v000001``, ...), fsyncs its files and the folder, and only then points the
+target (a symbolic link, e.g. ``runs/agip/checkpoint``) at it with one ``os.replace`` of
+the link — atomic on POSIX. A kill at any moment leaves the target pointing at a complete
+checkpoint, the old one or the new one; older versions are removed after the switch.
+Where symbolic links cannot be made (or the target is a plain folder from an older
+version), the folder is swapped with two renames instead, which a kill between them
+can interrupt.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -31,45 +37,104 @@ def _cloned_state(model) -> dict:
     return state
 
 
-def save(path: str, model, tokenizer, optimizer=None, scheduler=None, state: dict = None, rng=None) -> str:
-    """Write a checkpoint folder atomically; returns ``path``."""
+def _fsync_tree(folder: str) -> None:
+    """Flush every file of ``folder`` and the folder itself to disk."""
+    for name in os.listdir(folder):
+        full = os.path.join(folder, name)
+        if os.path.isfile(full):
+            with open(full, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _versions(parent: str, base: str):
+    pattern = re.compile(rf"^\.{re.escape(base)}-v(\d+)$")
+    found = [(int(m.group(1)), name) for name in os.listdir(parent) if (m := pattern.match(name))]
+    return sorted(found)
+
+
+def _write(tmp: str, model, tokenizer, optimizer, scheduler, state, rng) -> None:
     from safetensors.torch import save_file
 
-    parent = os.path.dirname(os.path.abspath(path))
+    model.config.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    save_file(_cloned_state(model), os.path.join(tmp, MODEL_FILE), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if optimizer is not None:
+        masks = {}
+        for group in optimizer.param_groups:
+            for name, p in zip(group.get("param_names", []), group["params"]):
+                st = optimizer.state.get(p, {})
+                if "mask" in st:
+                    masks[name] = st["mask"].detach().to("cpu").clone().contiguous()
+        if masks:
+            save_file(masks, os.path.join(tmp, "masks.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "rng": rng},
+                   os.path.join(tmp, "optimizer.pt"))
+    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+        json.dump(state or {}, f, indent=2)
+    _fsync_tree(tmp)
+
+
+def _swap(version: str, path: str) -> None:
+    """Put the folder ``version`` at ``path`` with renames (no symbolic link)."""
+    if not os.path.lexists(path):
+        os.replace(version, path)
+        return
+    old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(path))
+    os.replace(path, os.path.join(old, "ckpt"))
+    os.replace(version, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save(path: str, model, tokenizer, optimizer=None, scheduler=None, state: dict = None, rng=None) -> str:
+    """Write a checkpoint atomically (see the module docstring); returns ``path``.
+
+    ``rng`` is saved as given: ``agip finetune`` passes the CPU RNG state and, on CUDA,
+    every device's RNG state too.
+    """
+    path = os.path.abspath(path)
+    parent, base = os.path.dirname(path), os.path.basename(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".ckpt-", dir=parent)
+    for name in os.listdir(parent):  # left by a save that was killed (one writer per folder)
+        if name.startswith((f".{base}-tmp-", f".{base}-link-")):
+            full = os.path.join(parent, name)
+            os.remove(full) if os.path.islink(full) else shutil.rmtree(full, ignore_errors=True)
+    versions = _versions(parent, base)
+    version = os.path.join(parent, f".{base}-v{(versions[-1][0] + 1) if versions else 1:06d}")
+    tmp = tempfile.mkdtemp(prefix=f".{base}-tmp-", dir=parent)
     try:
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        save_file(_cloned_state(model), os.path.join(tmp, MODEL_FILE), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if optimizer is not None:
-            masks = {}
-            for group in optimizer.param_groups:
-                for name, p in zip(group.get("param_names", []), group["params"]):
-                    st = optimizer.state.get(p, {})
-                    if "mask" in st:
-                        masks[name] = st["mask"].detach().to("cpu").clone().contiguous()
-            if masks:
-                save_file(masks, os.path.join(tmp, "masks.safetensors"))
-            torch.save({"optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                        "rng": rng},
-                       os.path.join(tmp, "optimizer.pt"))
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(state or {}, f, indent=2)
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
-            os.replace(path, os.path.join(old, "ckpt"))
-        os.replace(tmp, path)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        _write(tmp, model, tokenizer, optimizer, scheduler, state, rng)
+        os.replace(tmp, version)  # complete and on disk: now it may be pointed at
+        _fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if os.path.isdir(path) and not os.path.islink(path):  # a plain folder (an older version's)
+        _swap(version, path)
+        return path
+    link = os.path.join(parent, f".{base}-link-{os.getpid()}")
+    try:
+        os.symlink(os.path.basename(version), link)
+    except OSError:  # no symbolic links on this file system
+        _swap(version, path)
+        return path
+    os.replace(link, path)  # the atomic switch
+    _fsync_dir(parent)
+    for _, name in versions:  # the versions before this one are no longer pointed at
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
     return path
 
 

@@ -103,6 +103,26 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
+def get_rng_state() -> dict:
+    """The CPU RNG state and, where CUDA is present, every device's: a resumed run draws the
+    same dropout masks as an uninterrupted one."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state) -> None:
+    if isinstance(state, torch.Tensor):  # checkpoints written before the CUDA states were saved
+        state = {"cpu": state}
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        if not torch.cuda.is_available() or torch.cuda.device_count() != len(state["cuda"]):
+            raise RuntimeError(f"the checkpoint holds the RNG state of {len(state['cuda'])} CUDA device(s); resume "
+                               "on a machine with as many for a bit-for-bit continuation")
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def lr_lambda(cfg: FinetuneConfig):
     warm = max(1, int(cfg.lr_warmup * cfg.steps)) if cfg.lr_warmup > 0 else 0
 
@@ -196,7 +216,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         blob = checkpoint.load_training_state(ckpt_dir)
         opt.load_state_dict(blob["optimizer"])
         sched.load_state_dict(blob["scheduler"])
-        torch.set_rng_state(blob["rng"])
+        set_rng_state(blob["rng"])
         start = state["step"]
 
     pruned = state.get("ppl_pruned")
@@ -209,7 +229,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             pruned = perplexity(model, eval_ids, L, stride, progress=cfg.progress, desc="ppl pruned")
 
     def save_checkpoint(step):
-        checkpoint.save(ckpt_dir, model, tok, opt, sched, rng=torch.get_rng_state(), state={
+        checkpoint.save(ckpt_dir, model, tok, opt, sched, rng=get_rng_state(), state={
             "step": step, "before": before, "ood_before": ood_before, "ppl_pruned": pruned, "history": history,
             "train_seconds": train_time,
             "config": dataclasses.asdict(cfg)})

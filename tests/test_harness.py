@@ -91,22 +91,69 @@ def test_resume_after_a_crash_is_bit_identical(gpt2_dir, corpus_dir, tmp_path, m
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_checkpoint_writes_are_atomic(gpt2_dir, corpus_dir, tmp_path, monkeypatch):
+class Killer:
+    """Counts the calls a checkpoint save makes to everything that writes, renames, links,
+    flushes or removes, and raises KeyboardInterrupt (a kill) at call number ``at``."""
+
+    def __init__(self, monkeypatch, model, tok, at=None):
+        import safetensors.torch
+
+        self.calls, self.at = [], at
+        targets = [(os, "replace"), (os, "symlink"), (os, "fsync"), (os, "remove"), (shutil, "rmtree"),
+                   (torch, "save"), (json, "dump"), (safetensors.torch, "save_file"),
+                   (type(model.config), "save_pretrained"), (type(tok), "save_pretrained")]
+        if getattr(model, "generation_config", None) is not None:  # patched on the classes: an instance
+            targets.append((type(model.generation_config), "save_pretrained"))  # attribute would be saved
+        for obj, name in targets:
+            monkeypatch.setattr(obj, name, self.wrap(f"{getattr(obj, '__name__', type(obj).__name__)}.{name}",
+                                                     getattr(obj, name)))
+
+    def wrap(self, label, fn):
+        def call(*a, **kw):
+            self.calls.append(label)
+            if self.at is not None and len(self.calls) == self.at:
+                raise KeyboardInterrupt(f"killed at call {self.at}: {label}")
+            return fn(*a, **kw)
+
+        return call
+
+
+def test_a_kill_at_any_step_of_a_save_leaves_a_complete_checkpoint(gpt2_dir, corpus_dir, tmp_path):
     finetune(config(gpt2_dir, corpus_dir, tmp_path / "run", steps=2))
     ck = tmp_path / "run" / "checkpoint"
-    before = (ck / "model.safetensors").read_bytes()
     model, tok, _ = checkpoint.load_model(str(ck))
-    import safetensors.torch
+    files = ("model.safetensors", "config.json", "trainer_state.json")
 
-    def dies(*a, **kw):
-        raise KeyboardInterrupt("killed while writing")
+    def snapshot():
+        return {f: (ck / f).read_bytes() for f in files}
 
-    monkeypatch.setattr(safetensors.torch, "save_file", dies)
-    with pytest.raises(KeyboardInterrupt):
+    old = snapshot()
+    with pytest.MonkeyPatch.context() as mp:  # count the calls of one whole save
+        killer = Killer(mp, model, tok)
         checkpoint.save(str(ck), model, tok, state={"step": 99})
-    assert (ck / "model.safetensors").read_bytes() == before  # the old checkpoint is intact
-    assert json.load(open(ck / "trainer_state.json"))["step"] == 2
-    assert not [p for p in os.listdir(tmp_path / "run") if p.startswith(".ckpt-")]  # no debris
+    new = snapshot()
+    assert json.loads(new["trainer_state.json"])["step"] == 99 and len(killer.calls) >= 8
+    for at in range(1, len(killer.calls) + 1):
+        for state, want in ((2, old), (99, new)):  # start each try from a known checkpoint
+            checkpoint.save(str(ck), model, tok, state={"step": state})
+            start = snapshot()
+            with pytest.MonkeyPatch.context() as mp:
+                Killer(mp, model, tok, at=at)
+                try:
+                    checkpoint.save(str(ck), model, tok, state={"step": 1000 + at})
+                except KeyboardInterrupt:
+                    pass
+            assert checkpoint.is_checkpoint(str(ck)), (at, killer.calls[at - 1])
+            now = snapshot()
+            step = json.loads(now["trainer_state.json"])["step"]
+            assert step in (state, 1000 + at), (at, killer.calls[at - 1], step)
+            if step == state:
+                assert now == start, (at, killer.calls[at - 1])  # the old one, intact
+            checkpoint.load_model(str(ck))  # and it loads
+    # a save after all those kills works and leaves no debris beside the checkpoint
+    checkpoint.save(str(ck), model, tok, state={"step": 7})
+    assert sorted(os.listdir(tmp_path / "run")).count("checkpoint") == 1
+    assert [p for p in os.listdir(tmp_path / "run") if p.startswith(".")] == [os.readlink(ck)]
 
 
 class ToyLM(nn.Module):
@@ -204,3 +251,21 @@ def test_gradient_accumulation_loss_is_the_mean_of_the_micro_batch_losses(gpt2_d
     assert len(seen) == 6
     for h, pair in zip(report["history"], zip(seen[0::2], seen[1::2])):
         assert h["loss"] == pytest.approx(sum(pair) / 2, rel=1e-6)  # E_t (algorithm.md §0)
+
+
+def test_rng_state_round_trip_includes_cuda_when_present():
+    from agip.train import get_rng_state, set_rng_state
+
+    state = get_rng_state()
+    assert ("cuda" in state) == torch.cuda.is_available()
+    a = torch.rand(3)
+    b = torch.cuda.FloatTensor(3).uniform_() if torch.cuda.is_available() else None
+    set_rng_state(state)
+    assert torch.equal(torch.rand(3), a)
+    if b is not None:
+        assert torch.equal(torch.cuda.FloatTensor(3).uniform_(), b)
+    set_rng_state(state["cpu"])  # the CPU-only form older checkpoints hold
+    assert torch.equal(torch.rand(3), a)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA device"):
+            set_rng_state({"cpu": state["cpu"], "cuda": [torch.zeros(8, dtype=torch.uint8)]})
