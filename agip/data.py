@@ -72,8 +72,9 @@ def wikitext2(config: str = "wikitext-2-raw-v1") -> Dict[str, List[str]]:
             f"could not load WikiText ({config}) from the Hugging Face hub ({type(e).__name__}: {e}). "
             "Without a network use the embedded corpus (--dataset wiki-mini) or your own files (--dataset PATH)"
         ) from None
-    # WikiText lines are the documents' lines; docs/design.md's protocol joins them with "\n\n"
-    return {s: [ln for ln in ds[s]["text"] if ln.strip()] for s in SPLITS}
+    # every line, empty ones included, joined with "\n\n" by the protocol: exactly the Hugging
+    # Face perplexity guide's and SparseGPT's "\n\n".join(test["text"]), so figures compare
+    return {s: list(ds[s]["text"]) for s in SPLITS}
 
 
 def text_files(path: str) -> Dict[str, List[str]]:

@@ -269,3 +269,16 @@ def test_rng_state_round_trip_includes_cuda_when_present():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA device"):
             set_rng_state({"cpu": state["cpu"], "cuda": [torch.zeros(8, dtype=torch.uint8)]})
+
+
+def test_wikitext_is_joined_like_the_hugging_face_guide(monkeypatch):
+    # no network here: a stand-in for datasets.load_dataset with WikiText's shape
+    import sys
+
+    from agip.data import join, load_corpus
+
+    lines = {s: [" = Title = \n", "", " Some text .\n", "", " More text .\n"] for s in ("train", "validation", "test")}
+    fake = SimpleNamespace(load_dataset=lambda name, config: {s: {"text": v} for s, v in lines.items()})
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    corpus = load_corpus("wikitext-2-raw-v1")
+    assert join(corpus["test"]) == "\n\n".join(lines["test"])  # every line, empty ones too
