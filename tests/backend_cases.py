@@ -52,10 +52,10 @@ ALL_SCORES = [-1, 0, 1, 2, 4]
 
 
 def make_plan(flat, k_frac, regrow=0.0, ema_rho=0.0, step=3, ta_scale=0.7, clip=0.5, prune=True, fisher_q=-1,
-              beta2=0.999):
+              beta2=0.999, beta1=0.9, eps=1e-8):
     keep, new = StepPlan.ema_constants(ema_rho)
     n_groups = max(gi for b in flat.buckets for gi, _, _ in b.ranges) + 1
-    hyper = [GroupHyper(lr=1e-2 * (i + 1), weight_decay=0.01 * i, beta1=0.9, beta2=beta2, eps=1e-8)
+    hyper = [GroupHyper(lr=1e-2 * (i + 1), weight_decay=0.01 * i, beta1=beta1, beta2=beta2, eps=eps)
              for i in range(n_groups)]
     b2, omb2 = StepPlan.fisher_constants(beta2)
     return StepPlan(step=step, clip=clip, ta_scale=ta_scale, groups=hyper, prune=prune,
@@ -110,7 +110,13 @@ CASES = [
 ]
 
 
-def compare_with_reference(backend, case, device="cpu", seed=0, dtype=torch.float32, fisher_q=-1):
+# Adam's other constants: both branches of torch's lerp (weight < 0.5 and >= 0.5), a first
+# and a late step (bias corrections near 0 and 1), eps from tiny to large, another beta2
+HYPERS = [dict(beta1=0.0, step=1, eps=1e-3), dict(beta1=0.5, step=1000, eps=1e-6),
+          dict(beta1=0.99, step=2, eps=1e-12, beta2=0.9)]
+
+
+def compare_with_reference(backend, case, device="cpu", seed=0, dtype=torch.float32, fisher_q=-1, **plan_kw):
     """One step of ``backend`` and of the reference from the same state: masks, theta and
     the regrowth decision bit-identical, G^2 within 1e-6, w/m/v within MAX_ULPS, for the
     score ``fisher_q`` (-1: Taylor)."""
@@ -119,7 +125,7 @@ def compare_with_reference(backend, case, device="cpu", seed=0, dtype=torch.floa
     layout, pruned, k_frac, regrow, rho, prune = case
     ref, _ = make_flat(layout, seed=seed, pruned=pruned, ema=rho > 0, dtype=dtype)
     other, _ = make_flat(layout, seed=seed, pruned=pruned, ema=rho > 0, device=device, dtype=dtype)
-    plan = make_plan(ref, k_frac, regrow=regrow, ema_rho=rho, prune=prune, fisher_q=fisher_q)
+    plan = make_plan(ref, k_frac, regrow=regrow, ema_rho=rho, prune=prune, fisher_q=fisher_q, **plan_kw)
     before = [{n: getattr(b, n).clone() for n in "wmv"} for b in ref.buckets]
     g2_ref, sel_ref = run_backend(reference, ref, plan)
     g2, sel = run_backend(backend, other, plan)

@@ -4,7 +4,7 @@ threads."""
 import pytest
 import torch
 
-from backend_cases import ALL_SCORES, CASES, SCORES, compare_over_steps, compare_with_reference, make_flat, make_plan, run_backend
+from backend_cases import HYPERS, ALL_SCORES, CASES, SCORES, compare_over_steps, compare_with_reference, make_flat, make_plan, run_backend
 
 cpp = pytest.importorskip("agip.backends.cpp", reason="the C++ backend did not build here")
 
@@ -77,3 +77,9 @@ def test_theta_window_across_steps(regrow, rho, fisher_q):
         assert misses == 1  # only the jump
     else:
         assert misses <= 1  # the EMA damps the jump
+
+
+@pytest.mark.parametrize("hyper", HYPERS)
+@pytest.mark.parametrize("fisher_q", [-1, 2])
+def test_other_adam_constants_match_reference(hyper, fisher_q):
+    compare_with_reference(cpp, ("odd", 0.3, 0.5, 0.2, 0.5, True), fisher_q=fisher_q, **hyper)

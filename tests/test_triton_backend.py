@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from agip.backends import reference
-from backend_cases import CASES, SCORES, compare_over_steps, compare_with_reference, make_flat, make_plan, run_backend
+from backend_cases import HYPERS, CASES, SCORES, compare_over_steps, compare_with_reference, make_flat, make_plan, run_backend
 
 triton_backend = pytest.importorskip("agip.backends.triton", reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -60,3 +60,9 @@ def test_theta_window_across_steps(fisher_q):
     _, misses = compare_over_steps(triton_backend, [0.2, 0.21, 0.22, 0.6, 0.61], device=DEVICE, regrow=0.2,
                                    layout="many", fisher_q=fisher_q)
     assert misses == 1  # only the jump to 0.6
+
+
+@pytest.mark.parametrize("hyper", HYPERS)
+@pytest.mark.parametrize("fisher_q", [-1, 2])
+def test_other_adam_constants_match_reference(hyper, fisher_q):
+    compare_with_reference(triton_backend, ("odd", 0.3, 0.5, 0.2, 0.5, True), DEVICE, fisher_q=fisher_q, **hyper)
