@@ -2,10 +2,12 @@
 
 For each size and each backend that runs on the device, times a non-pruning step and, for
 each score (Taylor |w·g|, Fisher |w|·√v), a pruning step of a sparsity *ramp* (every timed
-step prunes new entries: theta > 0, the exact threshold every step), interleaved with the
-baseline in one run; reports medians, effective GB/s by the byte model of
-docs/design.md (non-pruning 34 B/param, Taylor pruning 48, Fisher pruning 61, fp32) and
-the ratio to ``torch.optim.AdamW(fused=True)`` + ``clip_grad_norm_``. Buffers are shaped like
+step prunes new entries: theta > 0, the exact threshold every step), and a Fisher first
+pruning step (no previous theta: the full histogram), interleaved with the baseline in one
+run; reports medians, effective GB/s by the byte model of docs/design.md (32 B per
+parameter plus, per prunable parameter, 2 B non-pruning, 16 B Taylor pruning, 29 B
+Fisher pruning; fp32) and the ratio to ``torch.optim.AdamW(fused=True)`` +
+``clip_grad_norm_``. Buffers are shaped like
 SmolLM2-135M (per layer q, o 576x576; k, v 576x192; gate, up 576x1536; down 1536x576;
 a tied 49152x576 embedding; norms), with the layer count and embedding scaled to size.
 
@@ -28,7 +30,9 @@ import torch
 import agip
 from agip import backends
 
-BYTES = {"step": 34, "prune-taylor": 48, "prune-fisher": 61}  # per parameter, fp32 (docs/design.md)
+# bytes moved per step by the byte model of docs/design.md (fp32, 1-byte mask), as
+# (per parameter, extra per prunable parameter)
+BYTES = {"step": (32, 2), "prune-taylor": (32, 16), "prune-fisher": (32, 29), "prune-first": (32, 29)}
 HIDDEN, INTER, KV, VOCAB, LAYERS = 576, 1536, 192, 49152, 30
 LAYER_SHAPES = [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN),
                 (INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER)]
@@ -120,7 +124,7 @@ def main(argv=None):
         calls = args.warmup + args.reps + 1
         for name in names:
             for kind, interval, saliency in (("step", 10**9, "fisher"), ("prune-taylor", 1, "taylor"),
-                                             ("prune-fisher", 1, "fisher")):
+                                             ("prune-fisher", 1, "fisher"), ("prune-first", 1, "fisher")):
                 params = make_params(prunable_shapes + other_shapes, device, 0)
                 groups = [{"params": params[: len(prunable_shapes)], "prune": True},
                           {"params": params[len(prunable_shapes):], "weight_decay": 0.0}]
@@ -129,7 +133,15 @@ def main(argv=None):
                 opt = agip.AGIP(groups, target_sparsity=0.5, schedule="cubic", total_steps=2 * calls, warmup_steps=0,
                                 prune_interval=interval, saliency=saliency, ta_gamma=0.0, stability=False,
                                 backend=name)
-                configs[(name, kind)] = (lambda o=opt: o.step(loss=2.5))
+                if kind == "prune-first":  # as a first pruning step: no previous theta, full histogram
+
+                    def first(o=opt, name=name):
+                        o._flat.scratch.get(name, {}).pop("theta_bin", None)
+                        o.step(loss=2.5)
+
+                    configs[(name, kind)] = first
+                else:
+                    configs[(name, kind)] = (lambda o=opt: o.step(loss=2.5))
         for _ in range(args.warmup):
             for fn in configs.values():
                 fn()
@@ -139,7 +151,8 @@ def main(argv=None):
             row = dict(size_m=round(n_params / 1e6, 2), prunable_m=round(n_prunable / 1e6, 2), backend=name,
                        step=kind, median_ms=med * 1e3, ratio_to_fused_adamw=med / base)
             if name != "torch-fused-adamw+clip":
-                row["gbps_by_model"] = BYTES[kind] * n_params / med / 1e9
+                per_param, per_prunable = BYTES[kind]
+                row["gbps_by_model"] = (per_param * n_params + per_prunable * n_prunable) / med / 1e9
             rows.append(row)
         del configs, base_params, base_opt
 
