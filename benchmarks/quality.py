@@ -226,11 +226,12 @@ def write_outputs(data, out, steps):
                      + f"{f(r['ppl_validation'])} | " + (f"{f(r['ood_validation'])} | " if ood else "")
                      + f"{f(r['ppl_pruned'])} | {100 * r['sparsity_prunable']:.1f}% / {100 * r['sparsity_all']:.1f}% | "
                      f"{r['wall_s']:.0f} | {r['tokens_per_s']:.0f} |")
-    # means over seeds of the grid rows
+    # means over seeds of the grid rows (with the lr and select runs that are grid runs too)
     groups = {}
     for r in rows:
-        if r["phase"] == "grid" or (r["phase"] in ("lr", "select") and r["label"].startswith("dense")):
-            groups.setdefault((r["label"], r["target"], r["lr"]), []).append(r)
+        label = grid_label(r, data)
+        if label:
+            groups.setdefault((label, r["target"], r["lr"]), []).append(r)
     lines += ["", "Grid means over seeds:", "", "| method | target | seeds | mean test ppl | "
               + (f"mean {ood} test ppl |" if ood else ""), "|---|---|---|---|" + ("---|" if ood else "")]
     for (label, target, lr), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -245,8 +246,9 @@ def write_outputs(data, out, steps):
     for ax, key, title in zip(axes[0], ("ppl_test", "ood_test"), ("wiki-mini test", f"{ood} test (out of domain)")):
         by_label = {}
         for r in rows:
-            if r["phase"] == "grid" and r["method"] != "adamw":
-                by_label.setdefault(r["label"], {}).setdefault(r["target"], []).append(r[key])
+            label = grid_label(r, data)
+            if label and r["method"] != "adamw":
+                by_label.setdefault(label, {}).setdefault(r["target"], []).append(r[key])
         dense = [r[key] for r in rows if r["method"] == "adamw" and r["lr"] == data["choices"].get("lr")]
         if dense:
             ax.axhline(sum(dense) / len(dense), color="black", ls="--", label="dense fine-tuning")
@@ -266,6 +268,24 @@ def write_outputs(data, out, steps):
     print(f"wrote {out}/study-{steps}.json, .md, .png")
 
 
+def is_default(r, data) -> bool:
+    chosen = data["choices"].get("default")
+    return (chosen is not None and r["method"] == "agip" and "preset" not in r
+            and all(r.get(k) == v for k, v in chosen["overrides"].items()))
+
+
+def grid_label(r, data):
+    """The grid label of a run at the chosen lr (the chosen default's select run counts as
+    the default's), or None for runs outside the grid."""
+    if r["lr"] != data["choices"].get("lr"):
+        return None
+    if is_default(r, data):
+        return f"AGIP default ({data['choices']['default']['label']})"
+    if r["phase"] == "grid" or r["method"] == "adamw":
+        return r["label"]
+    return None
+
+
 def write_density(data, out, steps, plt):
     """``study-<steps>-density.png``: per-layer density of the chosen default next to the
     thesis preset at the largest target (seed 0), when both runs are recorded."""
@@ -281,7 +301,7 @@ def write_density(data, out, steps, plt):
             continue
         if r.get("preset") == "thesis":
             pick["thesis"] = r
-        elif all(r.get(k) == v for k, v in chosen["overrides"].items()):
+        elif is_default(r, data):
             pick["default"] = r
     if len(pick) < 2:
         return
