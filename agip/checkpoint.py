@@ -138,6 +138,21 @@ def save(path: str, model, tokenizer, optimizer=None, scheduler=None, state: dic
     return path
 
 
+def remove(path: str) -> None:
+    """Delete a checkpoint: the link, the versions beside it and any leftovers of a killed save."""
+    path = os.path.abspath(path)
+    parent, base = os.path.dirname(path), os.path.basename(path)
+    if os.path.islink(path):
+        os.remove(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
+    if os.path.isdir(parent):
+        for name in os.listdir(parent):
+            if name.startswith((f".{base}-v", f".{base}-tmp-", f".{base}-link-")):
+                full = os.path.join(parent, name)
+                os.remove(full) if os.path.islink(full) else shutil.rmtree(full, ignore_errors=True)
+
+
 def is_checkpoint(path: str) -> bool:
     """An AGIP checkpoint (``agip finetune``'s), not any ``save_pretrained`` folder: it also
     holds the training state."""

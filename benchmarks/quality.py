@@ -25,13 +25,13 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from agip import checkpoint  # noqa: E402
 from agip.train import FinetuneConfig, finetune  # noqa: E402
 
 LRS = (5e-5, 1e-4, 2e-4)
@@ -102,7 +102,7 @@ class Study:
         self.done[key] = row
         self.save()
         if not self.args.keep_checkpoints:  # 0.5 GB each for the embedded model; the report stays
-            shutil.rmtree(os.path.join(out, "checkpoint"), ignore_errors=True)
+            checkpoint.remove(os.path.join(out, "checkpoint"))
         print(f"    test ppl {row['ppl_test']:.3f}, validation {row['ppl_validation']:.3f}"
               + (f", {self.args.ood} test {row['ood_test']:.3f}" if row["ood_test"] else ""), flush=True)
         return row
