@@ -221,7 +221,7 @@ def write_outputs(data, out, steps):
     for r in sorted(rows, key=lambda r: (order.get(r["phase"], 9), r["target"], r["label"], r["seed"], r["lr"])):
         def f(x):
             return f"{x:.3f}" if x else ""
-        lines.append(f"| {r['phase']} | {r['label']} | {r['target']:.1f} | {r['seed']} | {r['lr']:g} | "
+        lines.append(f"| {r['phase']} | {md(r['label'])} | {r['target']:.1f} | {r['seed']} | {r['lr']:g} | "
                      f"{f(r['ppl_test'])} | " + (f"{f(r['ood_test'])} | " if ood else "")
                      + f"{f(r['ppl_validation'])} | " + (f"{f(r['ood_validation'])} | " if ood else "")
                      + f"{f(r['ppl_pruned'])} | {100 * r['sparsity_prunable']:.1f}% / {100 * r['sparsity_all']:.1f}% | "
@@ -239,7 +239,7 @@ def write_outputs(data, out, steps):
             continue
         mean = sum(r["ppl_test"] for r in rs) / len(rs)
         ood_mean = sum(r["ood_test"] for r in rs) / len(rs) if ood else None
-        lines.append(f"| {label} | {target:.1f} | {len(rs)} | {mean:.3f} | " + (f"{ood_mean:.3f} |" if ood else ""))
+        lines.append(f"| {md(label)} | {target:.1f} | {len(rs)} | {mean:.3f} | " + (f"{ood_mean:.3f} |" if ood else ""))
     with open(os.path.join(out, f"study-{steps}.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
     fig, axes = plt.subplots(1, 2 if ood else 1, figsize=(12 if ood else 7, 4.5), squeeze=False)
@@ -266,6 +266,10 @@ def write_outputs(data, out, steps):
     write_density(data, out, steps, plt)
     print("\n".join(lines))
     print(f"wrote {out}/study-{steps}.json, .md, .png")
+
+
+def md(text: str) -> str:
+    return text.replace("|", "\\|")  # a label's pipes must not split a table cell
 
 
 def is_default(r, data) -> bool:
