@@ -69,6 +69,12 @@ class AGIP(torch.optim.Optimizer):
     become views into flat buffers (docs/design.md): create the optimizer after moving the
     model to its device and dtype. ``zero_grad`` always zeroes in place (gradients stay
     bound to the buffers), whatever ``set_to_none`` says.
+
+    ``preset="default"`` scores weights by the Fisher score ``|w| v_t^p`` (``saliency``,
+    ``fisher_power``; algorithm.md §2.1b) on a cubic ramp without TA; ``preset="thesis"``
+    is the thesis' method exactly (Taylor ``|w g|``, exp ramp with the stability factor,
+    TA). The preset fills ``saliency``, ``fisher_power``, ``schedule``, ``prune_interval``,
+    ``ta_gamma`` and ``stability`` where they are left as None (algorithm.md §5).
     """
 
     _prunes = True  # TAAdamW turns pruning off
