@@ -88,6 +88,14 @@ def _write(tmp: str, model, tokenizer, optimizer, scheduler, state, rng) -> None
     _fsync_tree(tmp)
 
 
+def _remove_beside(parent: str, prefixes: tuple) -> None:
+    """Remove the links and folders in ``parent`` whose names start with one of ``prefixes``."""
+    for name in os.listdir(parent):
+        if name.startswith(prefixes):
+            full = os.path.join(parent, name)
+            os.remove(full) if os.path.islink(full) else shutil.rmtree(full, ignore_errors=True)
+
+
 def _swap(version: str, path: str) -> None:
     """Put the folder ``version`` at ``path`` with renames (no symbolic link)."""
     if not os.path.lexists(path):
@@ -108,10 +116,7 @@ def save(path: str, model, tokenizer, optimizer=None, scheduler=None, state: dic
     path = os.path.abspath(path)
     parent, base = os.path.dirname(path), os.path.basename(path)
     os.makedirs(parent, exist_ok=True)
-    for name in os.listdir(parent):  # left by a save that was killed (one writer per folder)
-        if name.startswith((f".{base}-tmp-", f".{base}-link-")):
-            full = os.path.join(parent, name)
-            os.remove(full) if os.path.islink(full) else shutil.rmtree(full, ignore_errors=True)
+    _remove_beside(parent, (f".{base}-tmp-", f".{base}-link-"))  # left by a killed save (one writer per folder)
     versions = _versions(parent, base)
     version = os.path.join(parent, f".{base}-v{(versions[-1][0] + 1) if versions else 1:06d}")
     tmp = tempfile.mkdtemp(prefix=f".{base}-tmp-", dir=parent)
@@ -147,10 +152,7 @@ def remove(path: str) -> None:
     elif os.path.isdir(path):
         shutil.rmtree(path)
     if os.path.isdir(parent):
-        for name in os.listdir(parent):
-            if name.startswith((f".{base}-v", f".{base}-tmp-", f".{base}-link-")):
-                full = os.path.join(parent, name)
-                os.remove(full) if os.path.islink(full) else shutil.rmtree(full, ignore_errors=True)
+        _remove_beside(parent, (f".{base}-v", f".{base}-tmp-", f".{base}-link-"))
 
 
 def is_checkpoint(path: str) -> bool:
