@@ -142,9 +142,10 @@ class Study:
         # the most telling comparisons first, so a study stopped early has them
         runs = [(*dense, 0.0, 0)]
         runs += [(*m, t, 0) for t in sorted(targets, reverse=True) for m in (default, wanda, thesis)]
+        # the seeds of the must-show comparison (default vs Wanda + FT vs dense) before the other baselines
+        runs += [(*m, 0.0 if m is dense else top, s) for s in (1, 2) for m in (dense, wanda, default)]
         runs += [(*m, t, 0) for m in (("GMP (cubic, magnitude)", "gmp", {}), ("one-shot magnitude + FT", "magnitude", {}))
                  for t in targets]
-        runs += [(*m, 0.0 if m is dense else top, s) for s in (1, 2) for m in (dense, wanda, default)]
         for label, method, ov, target, seed in runs:
             self.run(label, method, ov, target, seed, lr, "grid")
 
