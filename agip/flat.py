@@ -14,16 +14,22 @@ from typing import List, Optional
 
 import torch
 
+from .distributed import Comm, is_dtensor, local, wrap_like
+
 
 @dataclass
 class Slot:
-    """One parameter's place in a bucket."""
+    """One parameter's place in a bucket. An FSDP2 parameter (a DTensor) is ``mirrored``:
+    its local shard is copied in before a step and out after it (docs/design.md,
+    "Several processes"); any other parameter is a view of the bucket."""
 
     param: torch.Tensor
     name: str
     group: int
     start: int
     numel: int
+    shape: tuple = ()
+    mirrored: bool = False
 
 
 @dataclass
@@ -48,12 +54,14 @@ class Bucket:
 class FlatState:
     """Packs ``param_groups`` into buckets and keeps params and grads bound to them."""
 
-    def __init__(self, param_groups: list, saliency_ema: bool):
-        devices = {p.device for g in param_groups for p in g["params"]}
+    def __init__(self, param_groups: list, saliency_ema: bool, comm: Optional[Comm] = None):
+        self.comm = comm or Comm()
+        devices = {local(p).device for g in param_groups for p in g["params"]}
         if len(devices) > 1:
             raise ValueError(
                 f"all parameters must be on one device, found {sorted(map(str, devices))}; "
-                "move the model to one device before creating the optimizer"
+                "move the model to one device before creating the optimizer (with DDP or FSDP2: one "
+                "device per process, e.g. torch.cuda.set_device(local_rank) before building the model)"
             )
         self.device = devices.pop() if devices else torch.device("cpu")
         self.rebound_grads = 0
@@ -75,8 +83,10 @@ class FlatState:
                 for pi, (p, name) in enumerate(zip(group["params"], names)):
                     if p.dtype != dtype:
                         continue
-                    slots.append(Slot(p, name or f"group{gi}.param{pi}", gi, n, p.numel()))
-                    n += p.numel()
+                    shard = local(p)
+                    slots.append(Slot(p, name or f"group{gi}.param{pi}", gi, n, shard.numel(), tuple(shard.shape),
+                                      mirrored=is_dtensor(p)))
+                    n += shard.numel()
                 if n > start:
                     ranges.append((gi, start, n))
                 if group["prune"]:
@@ -96,12 +106,42 @@ class FlatState:
             )
             for s in slots:
                 p = s.param
-                bucket.w[s.start : s.start + s.numel].copy_(p.detach().reshape(-1))
+                bucket.w[s.start : s.start + s.numel].copy_(local(p).reshape(-1))
                 if p.grad is not None:
-                    bucket.g[s.start : s.start + s.numel].copy_(p.grad.reshape(-1))
-                p.data = bucket.w[s.start : s.start + s.numel].view_as(p)
-                p.grad = bucket.g[s.start : s.start + s.numel].view_as(p)
+                    bucket.g[s.start : s.start + s.numel].copy_(local(p.grad).reshape(-1))
+                if not s.mirrored:
+                    p.data = bucket.w[s.start : s.start + s.numel].view_as(p)
+                self._bind_grad(bucket, s)
             self.buckets.append(bucket)
+        # the global sizes (summed over ranks when the parameters are sharded)
+        counts = torch.tensor([sum(b.n_prunable for b in self.buckets), sum(b.numel for b in self.buckets)],
+                              dtype=torch.int64, device=self.device)
+        self.n_prunable_global, self.numel_global = (int(x) for x in self.comm.sum_counts(counts))
+
+    @staticmethod
+    def _bind_grad(b: "Bucket", s: Slot) -> None:
+        # an FSDP2 parameter's grad is a DTensor over our view: FSDP2 accumulates the
+        # reduce-scattered gradient into an existing grad in place, so it lands here
+        s.param.grad = wrap_like(s.param, b.g[s.start : s.start + s.numel].view(s.shape))
+
+    # --- FSDP2: copies of the local shards ------------------------------------------
+    def sync_in(self) -> None:
+        """Copy mirrored (FSDP2) local shards into the buckets before a step."""
+        for b in self.buckets:
+            for s in b.slots:
+                if s.mirrored:
+                    b.w[s.start : s.start + s.numel].copy_(local(s.param).reshape(-1))
+
+    def sync_out(self) -> None:
+        """Copy the buckets back into mirrored (FSDP2) local shards after a step."""
+        for b in self.buckets:
+            for s in b.slots:
+                if s.mirrored:
+                    local(s.param).copy_(b.w[s.start : s.start + s.numel].view(s.shape))
+
+    @property
+    def mirrored(self) -> bool:
+        return any(s.mirrored for b in self.buckets for s in b.slots)
 
     # --- binding --------------------------------------------------------------------
     def rebind_grads(self) -> None:
@@ -114,13 +154,13 @@ class FlatState:
         for b in self.buckets:
             for s in b.slots:
                 p = s.param
-                if p.data_ptr() != b.w.data_ptr() + s.start * b.w.element_size():
+                if not s.mirrored and p.data_ptr() != b.w.data_ptr() + s.start * b.w.element_size():
                     raise RuntimeError(
                         f"parameter {s.name!r} no longer lives in the optimizer's flat buffer "
                         "(was the model moved, cast or re-assigned after the optimizer was created?); "
                         "create the optimizer after model.to(...)"
                     )
-                grad = p.grad
+                grad = p.grad if p.grad is None else local(p.grad)
                 if grad is None:
                     todo.append((b, s, None))
                     continue
@@ -129,8 +169,8 @@ class FlatState:
                         f"parameter {s.name!r} has a sparse gradient; AGIP needs dense gradients "
                         "(use nn.Embedding(sparse=False))"
                     )
-                if grad.shape != p.shape:
-                    raise RuntimeError(f"gradient of {s.name!r} has shape {tuple(grad.shape)}, parameter {tuple(p.shape)}")
+                if tuple(grad.shape) != s.shape:
+                    raise RuntimeError(f"gradient of {s.name!r} has shape {tuple(grad.shape)}, parameter {s.shape}")
                 if grad.data_ptr() != b.g.data_ptr() + s.start * b.g.element_size() or not grad.is_contiguous():
                     todo.append((b, s, grad))
         for b, s, grad in todo:
@@ -140,14 +180,14 @@ class FlatState:
             else:
                 view.copy_(grad.reshape(-1))
                 self.rebound_grads += 1
-            s.param.grad = view.view_as(s.param)
+            self._bind_grad(b, s)
 
     def zero_grad(self) -> None:
         """Zero every gradient in place and bind every ``p.grad`` to its bucket view."""
         for b in self.buckets:
             b.g.zero_()
             for s in b.slots:
-                s.param.grad = b.g[s.start : s.start + s.numel].view_as(s.param)
+                self._bind_grad(b, s)
 
     # --- bookkeeping ----------------------------------------------------------------
     @property

@@ -13,6 +13,7 @@ import torch
 
 from . import backends
 from .backends import GroupHyper, StepPlan
+from .distributed import is_dtensor, local, make_comm
 from .flat import FlatState
 from .schedule import SHAPES, SparsitySchedule
 
@@ -107,6 +108,7 @@ class AGIP(torch.optim.Optimizer):
         saliency: Optional[str] = None,
         fisher_power: Optional[float] = None,
         preset: str = "default",
+        process_group=None,
     ):
         _check(preset in PRESETS, f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
         chosen = PRESETS[preset]
@@ -154,8 +156,9 @@ class AGIP(torch.optim.Optimizer):
         if not self._prunes:
             for g in self.param_groups:
                 g["prune"] = False
-        self._flat = FlatState(self.param_groups, saliency_ema=saliency_ema > 0 and self._prunes)
-        if target_sparsity > 0 and self._flat.n_prunable == 0:
+        self.comm = make_comm([p for g in self.param_groups for p in g["params"]], process_group)
+        self._flat = FlatState(self.param_groups, saliency_ema=saliency_ema > 0 and self._prunes, comm=self.comm)
+        if target_sparsity > 0 and self._flat.n_prunable_global == 0:
             raise ValueError(
                 f"target_sparsity={target_sparsity} but no param group has prune=True: build the groups "
                 "with agip.param_groups(model), or pass target_sparsity=0"
@@ -167,12 +170,12 @@ class AGIP(torch.optim.Optimizer):
             for s in b.slots:
                 st = self.state[s.param]
                 sl = slice(s.start, s.start + s.numel)
-                st["exp_avg"] = b.m[sl].view_as(s.param)
-                st["exp_avg_sq"] = b.v[sl].view_as(s.param)
+                st["exp_avg"] = b.m[sl].view(s.shape)  # an FSDP2 parameter's: its local shard's
+                st["exp_avg_sq"] = b.v[sl].view(s.shape)
                 if s.start < b.n_prunable:
-                    st["mask"] = b.mask[sl].view(s.param.shape)
+                    st["mask"] = b.mask[sl].view(s.shape)
                     if b.ema is not None:
-                        st["saliency_ema"] = b.ema[sl].view(s.param.shape)
+                        st["saliency_ema"] = b.ema[sl].view(s.shape)
         self._step = 0
         self.skipped_steps = 0
         self._last = dict(theta=None, regrown=0, alpha=1.0, clip=1.0, ta_scale=0.0, grad_norm=None)
@@ -277,6 +280,8 @@ class AGIP(torch.optim.Optimizer):
             if loss is None:
                 loss = closure_loss
         E = self._loss_value(loss)
+        if E is not None:  # algorithm.md §6: E_t is the mean over ranks (one scalar all-reduce)
+            E = self.comm.mean(E, self._flat.device)
         cfg = self.config
         flat = self._flat
         flat.rebind_grads()
@@ -294,13 +299,14 @@ class AGIP(torch.optim.Optimizer):
             step=t, clip=1.0, ta_scale=0.0,
             groups=[GroupHyper(g["lr"], g["weight_decay"], g["betas"][0], g["betas"][1], g["eps"]) for g in self.param_groups],
             prune=self.schedule.is_pruning_step(t),
-            k=int(math.floor(ratio * flat.n_prunable)),
+            k=int(math.floor(ratio * flat.n_prunable_global)),
             regrow_fraction=cfg["regrow_fraction"], ema_keep=keep, ema_new=new,
         )
         if cfg["saliency"] == "fisher":
             plan.fisher_q = FISHER_POWERS[cfg["fisher_power"]]
             plan.fisher_beta2, plan.fisher_omb2 = StepPlan.fisher_constants(self._fisher_beta2())
-        G2 = self.backend.grad_sumsq(flat, plan)
+        flat.sync_in()
+        G2 = self.comm.sum_sharded(self.backend.grad_sumsq(flat, plan), flat.device)
         if not math.isfinite(G2):
             return self._skip(t, "gradient", loss)
         mgn = cfg["max_grad_norm"]
@@ -314,6 +320,7 @@ class AGIP(torch.optim.Optimizer):
             sel = self.backend.select(flat, plan)
             plan.theta, plan.regrow_theta, regrown = sel.theta, sel.regrow_theta, sel.n_regrown
         self.backend.update(flat, plan)
+        flat.sync_out()
         # commit host-side state only after the buffers are updated
         self._step = t
         self.schedule.commit(ratio, E)
@@ -330,7 +337,8 @@ class AGIP(torch.optim.Optimizer):
         ``masks`` maps a prunable parameter (or its name in ``param_names``) to a bool
         tensor of its shape (True = keep). Entries set to False get w = m = v = 0 (and a
         zero saliency EMA), as after an AGIP pruning step (docs/algorithm.md §1.6). Parameters not in
-        ``masks`` keep their masks. Everything is checked before anything changes.
+        ``masks`` keep their masks. Everything is checked before anything changes. For an
+        FSDP2 parameter the mask is a DTensor laid out like it, or its local shard's mask.
         """
         by_name = {n: p for g in self.param_groups for n, p in zip(g.get("param_names", []), g["params"])}
         todo = []
@@ -339,15 +347,18 @@ class AGIP(torch.optim.Optimizer):
             if p is None or p not in self.state or "mask" not in self.state[p]:
                 raise ValueError(f"apply_masks: {key if isinstance(key, str) else 'a parameter'} is not a prunable "
                                  "parameter of this optimizer (its group needs prune=True)")
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != p.shape:
+            if is_dtensor(p) and is_dtensor(mask):
+                mask = mask.to_local()
+            shape = tuple(self.state[p]["mask"].shape)
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != shape:
                 raise ValueError(f"apply_masks: the mask of {key if isinstance(key, str) else 'a parameter'} must be "
-                                 f"a bool tensor of shape {tuple(p.shape)}")
-            todo.append((p, mask.to(p.device)))
+                                 f"a bool tensor of shape {shape}")
+            todo.append((p, mask.to(self._flat.device)))
         for p, mask in todo:
             st = self.state[p]
             st["mask"].copy_(mask)
             drop = ~mask
-            p.masked_fill_(drop, 0)
+            local(p).masked_fill_(drop, 0)  # the bucket itself, or an FSDP2 local shard (copied in at the step)
             st["exp_avg"].masked_fill_(drop, 0)
             st["exp_avg_sq"].masked_fill_(drop, 0)
             if "saliency_ema" in st:
@@ -381,9 +392,13 @@ class AGIP(torch.optim.Optimizer):
             names.append(s.name)
             sums.append(b.mask[s.start : s.start + s.numel].sum())
             sizes.append(s.numel)
-        kept = torch.stack(sums).tolist() if sums else []
+        if sums:  # per layer, summed over ranks when sharded (algorithm.md §6)
+            counts = torch.stack([torch.stack(sums).to(torch.int64), torch.tensor(sizes, device=flat.device)])
+            kept, sizes = flat.comm.sum_counts(counts).tolist()
+        else:
+            kept = []
         n_pruned = sum(sizes) - sum(kept)
-        N, total = flat.n_prunable, flat.numel
+        N, total = flat.n_prunable_global, flat.numel_global
         return {
             "step": self._step,
             "target_sparsity": self.schedule.target,
@@ -415,6 +430,8 @@ class AGIP(torch.optim.Optimizer):
             "schedule": self.schedule.state_dict(),
             "last": dict(self._last),
             "config": dict(self.config),
+            "world_size": self.comm.world,
+            "sharded": self.comm.sharded,
         }
         return sd
 
@@ -426,6 +443,11 @@ class AGIP(torch.optim.Optimizer):
         """
         if not isinstance(state_dict, dict) or "agip" not in state_dict:
             raise ValueError("not an AGIP state dict (no 'agip' entry); was it saved from torch.optim.AdamW?")
+        saved_world = state_dict["agip"].get("world_size", 1)
+        if saved_world != self.comm.world and (state_dict["agip"].get("sharded") or self.comm.sharded):
+            raise ValueError(f"this state dict holds the shards of {saved_world} process(es), but this run has "
+                             f"{self.comm.world}: resume with --nproc_per_node {saved_world}, or write a full "
+                             "checkpoint (agip.distributed.save_full) and start from it")
         groups, saved_groups = self.param_groups, state_dict["param_groups"]
         if len(groups) != len(saved_groups):
             raise ValueError(f"state dict has {len(saved_groups)} param groups, this optimizer {len(groups)}")

@@ -85,6 +85,11 @@ class FusedDriver:
                        *plan.score_args(), plan.ema_keep, plan.ema_new, window[0], window[1], sc["sal"], sc["grow"])
             for b in flat.buckets
         ]
+        # sharded parameters (FSDP2): the first digits of every rank's entries (algorithm.md §6)
+        if saliency:
+            flat.comm.sum_counts(sc["sal"])
+        if regrow:
+            flat.comm.sum_counts(sc["grow"])
         return float(torch.cat([p.double() for p in partials]).sum())
 
     def _window(self, flat):
@@ -120,7 +125,7 @@ class FusedDriver:
             for b in flat.buckets:
                 self.refine(b.g, b.w, b.v, b.mask, b.ema, b.n_prunable, prefix, saliency, *plan.score_args(),
                             plan.ema_keep, plan.ema_new, out)
-            h = out.to(torch.int64).cpu()
+            h = flat.comm.sum_counts(out).to(torch.int64).cpu()
             h[0] += extra.get(prefix, 0)
             return h
 
@@ -131,7 +136,7 @@ class FusedDriver:
         sc = self._scratch(flat)
         if plan.fisher:  # the score needs v_t, hence the clip factor: its histogram now
             self._pass_a(flat, plan, self._window(flat), saliency=True, regrow=False)
-        n_pruned = flat.n_prunable - int(sc["sal"].sum())  # lumps included: every active entry
+        n_pruned = flat.n_prunable_global - int(sc["sal"].sum())  # lumps included: every active entry
         regrow_theta, n_regrown = math.inf, 0
         if plan.regrow_fraction > 0:
             n_g, n_keep = regrow_counts(n_pruned, plan.regrow_fraction)

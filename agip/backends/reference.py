@@ -10,15 +10,24 @@ import math
 
 import torch
 
+from agip.threshold import radix_select, torch_histogram
+
 from . import Selection, StepPlan, regrow_counts
 
 
-def kth_smallest(values: torch.Tensor, k: int) -> float:
+def kth_smallest(values: torch.Tensor, k: int, comm=None) -> float:
     """The exact k-th smallest value (1-based) of ``values`` (docs/algorithm.md §2.3).
 
     ``torch.kthvalue`` is a selection: it returns one of the input elements and does no
     arithmetic on them, so the result is exact (ties, zeros and +inf included).
+
+    With a sharded ``comm`` (FSDP2; algorithm.md §6) ``values`` is this rank's part, and
+    the k-th smallest of all ranks' values is found by radix select over histograms summed
+    across ranks (exact too: integer counts).
     """
+    if comm is not None and comm.active and comm.sharded:
+        local_hist = torch_histogram(values.contiguous())
+        return radix_select(k, lambda *a: comm.sum_counts(local_hist(*a).to(values.device)))
     if not 1 <= k <= values.numel():
         raise ValueError(f"k must be in [1, {values.numel()}], got {k}")
     return float(torch.kthvalue(values, k).values)
@@ -100,17 +109,19 @@ def select(flat, plan: StepPlan) -> Selection:
     regrow_theta = math.inf
     if plan.regrow_fraction > 0:
         pruned_absg = torch.cat([b.g[: b.n_prunable].float().abs()[~b.mask] for b in flat.buckets])
-        n_g, n_keep = regrow_counts(pruned_absg.numel(), plan.regrow_fraction)
+        n_pruned = int(flat.comm.sum_counts(torch.tensor([pruned_absg.numel()], device=flat.device))[0])
+        n_g, n_keep = regrow_counts(n_pruned, plan.regrow_fraction)
         if n_g > 0:
             # the n_keep smallest |g| stay pruned (ties at the threshold stay pruned)
-            regrow_theta = -1.0 if n_keep == 0 else kth_smallest(pruned_absg, n_keep)
+            regrow_theta = -1.0 if n_keep == 0 else kth_smallest(pruned_absg, n_keep, flat.comm)
     plan.regrow_theta = regrow_theta
     scores, n_regrown = [], 0
     for b in flat.buckets:
         r = regrown(b, plan)
         n_regrown += int(r.sum())
         scores.append(torch.where(r, math.inf, saliency(b, plan)))
-    theta = kth_smallest(torch.cat(scores), plan.k) if plan.k > 0 else -1.0
+    n_regrown = int(flat.comm.sum_counts(torch.tensor([n_regrown], device=flat.device))[0])
+    theta = kth_smallest(torch.cat(scores), plan.k, flat.comm) if plan.k > 0 else -1.0
     return Selection(theta=theta, regrow_theta=regrow_theta, n_regrown=n_regrown)
 
 

@@ -1,0 +1,138 @@
+"""AGIP under DDP or FSDP2 on CPU tensors (gloo), and the one-process reference it must equal.
+
+``tests/test_distributed.py`` runs ``torchrun --nproc_per_node 2 tests/dist_worker.py OUT
+MODE:BACKEND:SALIENCY ...``; rank 0 writes each run's full weights, masks and every step's
+theta to ``OUT``, and the test compares them with :func:`reference`, which runs in one
+process.
+
+How the reference matches the collectives exactly: each rank r trains on its own
+micro-batch ``batch(step, r)``. The reference computes the gradient of each micro-batch
+separately (``torch.autograd.grad``, one torch thread as the ranks use) and combines them as
+DDP and FSDP2 do with two gloo ranks: each halved, then summed (halving is exact and a sum
+of two values is the same in either order). The loss E_t is the mean of the two ranks'
+losses (AGIP's one scalar all-reduce).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import agip  # noqa: E402
+
+STEPS = 10
+WORLD = 2
+# pruning every step from step 2 with regrowth and TA: every collective of a step is used
+SETTINGS = dict(lr=3e-3, target_sparsity=0.5, schedule="cubic", total_steps=8, warmup_steps=1, prune_interval=1,
+                regrow_fraction=0.1, ta_gamma=1.0, stability=False, max_grad_norm=1.0)
+
+
+def build_model():
+    import transformers
+
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=64, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def batch(step: int, rank: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randint(0, 64, (2, 16), generator=g)
+
+
+def make_opt(model, backend: str, saliency: str):
+    return agip.AGIP(agip.param_groups(model), backend=backend, saliency=saliency, **SETTINGS)
+
+
+def reference(backend: str, saliency: str):
+    """One process, the same global batches: (weights, masks, thetas)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = build_model()
+        opt = make_opt(model, backend, saliency)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        thetas = []
+        for step in range(STEPS):
+            losses, grads = [], []
+            for r in range(WORLD):
+                x = batch(step, r)
+                loss = model(x, labels=x).loss
+                grads.append(torch.autograd.grad(loss, params))
+                losses.append(float(loss.detach()))
+            for p, *gs in zip(params, *grads):
+                p.grad.copy_(sum(g / WORLD for g in gs))
+            opt.step(loss=sum(losses) / WORLD)
+            thetas.append(opt.sparsity_report()["theta"])
+        return full_state(model, opt) + (thetas,)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def full_state(model, opt):
+    """Full (unsharded) weights and masks by parameter name."""
+    from agip.distributed import wrap_like
+
+    weights, masks = {}, {}
+    for g in opt.param_groups:
+        for name, p in zip(g["param_names"], g["params"]):
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            weights[name] = full.detach().clone()
+            if "mask" in opt.state[p]:
+                m = wrap_like(p, opt.state[p]["mask"])
+                masks[name] = (m.full_tensor() if hasattr(m, "full_tensor") else m).clone()
+    return weights, masks
+
+
+def run(mode: str, backend: str, saliency: str, bucket_view: bool) -> dict:
+    """This rank's part of one distributed run; returns what rank 0 writes."""
+    import torch.distributed as dist
+
+    model = build_model()
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+        wrapped = model
+    elif mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(model, gradient_as_bucket_view=bucket_view)
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+    opt = make_opt(model, backend, saliency)
+    thetas = []
+    for step in range(STEPS):
+        x = batch(step, dist.get_rank())
+        loss = wrapped(x, labels=x).loss
+        loss.backward()
+        opt.step(loss=loss)
+        thetas.append(opt.sparsity_report()["theta"])
+        opt.zero_grad()
+    weights, masks = full_state(model, opt)
+    return {"weights": weights, "masks": masks, "thetas": thetas, "report": opt.sparsity_report()}
+
+
+def main(out: str, *runs: str) -> None:
+    """``runs``: ``MODE:BACKEND:SALIENCY[:bucket]``, one after the other in one process group."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    results = {}
+    for spec in runs:
+        mode, backend, saliency, *flags = spec.split(":")
+        results[spec] = run(mode, backend, saliency, "bucket" in flags)
+    if dist.get_rank() == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,71 @@
+"""AGIP under DDP and FSDP2 (torchrun, 2 processes, gloo on CPU tensors) equals one process
+on the same global batches: theta at every step, the masks bit for bit, the weights
+(docs/algorithm.md §6; tests/dist_worker.py says how the reference is built)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import agip
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import dist_worker  # noqa: E402
+
+RUNS = ["fsdp:cpp:fisher", "fsdp:reference:taylor", "ddp:reference:fisher", "ddp:cpp:taylor:bucket"]
+
+
+def torchrun(*args, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def distributed(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("dist") / "runs.pt")
+    torchrun(os.path.join(HERE, "dist_worker.py"), out, *RUNS)
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("spec", RUNS)
+def test_two_ranks_equal_one_process(distributed, spec):
+    _, backend, saliency, *_ = spec.split(":")
+    got = distributed[spec]
+    weights, masks, thetas = dist_worker.reference(backend, saliency)
+    assert got["thetas"] == thetas  # every step's exact global threshold
+    assert any(t > 0 for t in thetas)  # pruning happened
+    assert masks.keys() == got["masks"].keys()
+    for name in masks:
+        assert torch.equal(got["masks"][name], masks[name]), name
+    for name in weights:
+        torch.testing.assert_close(got["weights"][name], weights[name], rtol=0, atol=0)
+    rep = got["report"]
+    assert rep["n_prunable"] == sum(m.numel() for m in masks.values())
+    assert rep["n_pruned"] == sum(int((~m).sum()) for m in masks.values()) == int(0.5 * rep["n_prunable"])
+
+
+def test_process_group_without_init_is_a_clear_error():
+    model = dist_worker.build_model()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        agip.AGIP(agip.param_groups(model), total_steps=10, process_group=object())
+
+
+def test_parameters_on_two_devices_are_refused():
+    model = dist_worker.build_model()
+    model.lm_head = torch.nn.Linear(32, 64, bias=False, device="meta")  # untied, on another device
+    with pytest.raises(ValueError, match="one device per process"):
+        agip.AGIP(agip.param_groups(model), total_steps=10)
+
+
+def test_sharded_state_of_another_world_size_is_refused():
+    model = dist_worker.build_model()
+    opt = agip.AGIP(agip.param_groups(model), total_steps=10)
+    sd = opt.state_dict()
+    sd["agip"].update(world_size=2, sharded=True)
+    with pytest.raises(ValueError, match="nproc_per_node 2"):
+        opt.load_state_dict(sd)
