@@ -24,17 +24,39 @@ import torch
 MODEL_FILE = "model.safetensors"
 
 
-def _cloned_state(model) -> dict:
-    # AGIP binds parameters to views of one flat buffer; safetensors refuses tensors that
-    # share memory, so each one is saved as its own copy (tied weights once).
+def full_state(model) -> dict:
+    """The model's weights as separate CPU tensors, tied weights once.
+
+    AGIP binds parameters to views of one flat buffer; safetensors refuses tensors that
+    share memory, so each one is its own copy. FSDP2's sharded parameters are gathered
+    whole (a collective: every rank calls this, in the same order).
+    """
+    from .distributed import is_dtensor, local
+
     seen, state = {}, {}
     for name, t in model.state_dict().items():
-        key = (t.data_ptr(), tuple(t.shape))
+        key = (local(t).data_ptr(), tuple(t.shape))
         if key in seen:  # a tied weight (e.g. lm_head = embed_tokens): transformers re-ties it
             continue
         seen[key] = name
+        t = t.full_tensor() if is_dtensor(t) else t
         state[name] = t.detach().to("cpu").clone().contiguous()
     return state
+
+
+def optimizer_masks(optimizer) -> dict:
+    """The masks of the prunable parameters by name, whole (FSDP2 shards gathered: a
+    collective)."""
+    from .distributed import is_dtensor, wrap_like
+
+    masks = {}
+    for group in optimizer.param_groups:
+        for name, p in zip(group.get("param_names", []), group["params"]):
+            st = optimizer.state.get(p, {})
+            if "mask" in st:
+                m = wrap_like(p, st["mask"])
+                masks[name] = (m.full_tensor() if is_dtensor(m) else m).detach().to("cpu").clone().contiguous()
+    return masks
 
 
 def _fsync_tree(folder: str) -> None:
@@ -61,24 +83,21 @@ def _versions(parent: str, base: str):
     return sorted(found)
 
 
-def _write(tmp: str, model, tokenizer, optimizer, scheduler, state, rng) -> None:
+def _write(tmp: str, model, tokenizer, optimizer, scheduler, state, rng, weights=None, masks=None) -> None:
     from safetensors.torch import save_file
 
     model.config.save_pretrained(tmp)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(tmp)
-    save_file(_cloned_state(model), os.path.join(tmp, MODEL_FILE), metadata={"format": "pt"})
+    save_file(full_state(model) if weights is None else weights, os.path.join(tmp, MODEL_FILE),
+              metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    if masks is None and optimizer is not None:
+        masks = optimizer_masks(optimizer)
+    if masks:
+        save_file(masks, os.path.join(tmp, "masks.safetensors"))
     if optimizer is not None:
-        masks = {}
-        for group in optimizer.param_groups:
-            for name, p in zip(group.get("param_names", []), group["params"]):
-                st = optimizer.state.get(p, {})
-                if "mask" in st:
-                    masks[name] = st["mask"].detach().to("cpu").clone().contiguous()
-        if masks:
-            save_file(masks, os.path.join(tmp, "masks.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "rng": rng},
@@ -107,11 +126,14 @@ def _swap(version: str, path: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save(path: str, model, tokenizer, optimizer=None, scheduler=None, state: dict = None, rng=None) -> str:
+def save(path: str, model, tokenizer, optimizer=None, scheduler=None, state: dict = None, rng=None,
+         weights: dict = None, masks: dict = None) -> str:
     """Write a checkpoint atomically (see the module docstring); returns ``path``.
 
     ``rng`` is saved as given: ``agip finetune`` passes the CPU RNG state and, on CUDA,
-    every device's RNG state too.
+    every device's RNG state too. ``weights`` and ``masks`` (gathered whole by
+    :func:`agip.distributed.save_full` under FSDP2) replace the model's and the
+    optimizer's own; with them, pass no optimizer (its state is per rank).
     """
     path = os.path.abspath(path)
     parent, base = os.path.dirname(path), os.path.basename(path)
@@ -121,7 +143,7 @@ def save(path: str, model, tokenizer, optimizer=None, scheduler=None, state: dic
     version = os.path.join(parent, f".{base}-v{(versions[-1][0] + 1) if versions else 1:06d}")
     tmp = tempfile.mkdtemp(prefix=f".{base}-tmp-", dir=parent)
     try:
-        _write(tmp, model, tokenizer, optimizer, scheduler, state, rng)
+        _write(tmp, model, tokenizer, optimizer, scheduler, state, rng, weights, masks)
         os.replace(tmp, version)  # complete and on disk: now it may be pointed at
         _fsync_dir(parent)
     except BaseException:

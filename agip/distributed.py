@@ -134,3 +134,59 @@ def world_size(group=None) -> int:
     import torch.distributed as dist
 
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+# --- checkpoints under FSDP2 / DDP ---------------------------------------------------
+def _optimizer_state(opt) -> dict:
+    """``opt.state_dict()`` with each state tensor a DTensor laid out like its parameter
+    (sharing the optimizer's memory), the form ``torch.distributed.checkpoint`` needs to
+    store each rank's shards."""
+    sd = opt.state_dict()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        sd["state"][i] = {k: wrap_like(p, t) for k, t in sd["state"].get(i, {}).items()}
+    return sd
+
+
+def save_sharded(path: str, model, opt) -> None:
+    """Every rank's shards of the model and of AGIP's state (m, v, masks, saliency EMA,
+    counters, schedule) with ``torch.distributed.checkpoint`` (a collective). Resume with
+    :func:`load_sharded` on the same number of processes: it continues bit for bit."""
+    import torch.distributed.checkpoint as dcp
+
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"save_sharded needs a folder path, got {path!r}")
+    dcp.save({"model": model.state_dict(), "optim": _optimizer_state(opt)}, checkpoint_id=path)
+
+
+def load_sharded(path: str, model, opt) -> None:
+    """Load what :func:`save_sharded` wrote into ``model`` and ``opt`` (built as when it was
+    saved: the same model, wrapping and world size)."""
+    import os
+
+    import torch.distributed.checkpoint as dcp
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is not a folder written by agip.distributed.save_sharded")
+    sd = {"model": model.state_dict(), "optim": _optimizer_state(opt)}
+    dcp.load(sd, checkpoint_id=path)  # tensors in place: the model's shards, AGIP's buffers
+    model.load_state_dict(sd["model"])
+    optim = sd["optim"]
+    optim["state"] = {i: {k: local(t) for k, t in st.items()} for i, st in optim["state"].items()}
+    opt.load_state_dict(optim)
+
+
+def save_full(path: str, model, tokenizer, opt=None, state: dict = None) -> None:
+    """One whole checkpoint (``model.safetensors``, ``masks.safetensors``, config and
+    tokenizer; agip/checkpoint.py's layout) that a single process reads (``agip eval``),
+    written by rank 0 from the gathered shards. Every rank must call it (a collective)."""
+    import torch.distributed as dist
+
+    from . import checkpoint
+
+    weights = checkpoint.full_state(model)
+    masks = checkpoint.optimizer_masks(opt) if opt is not None else None
+    if rank() == 0:
+        checkpoint.save(path, model, tokenizer, weights=weights, masks=masks, state=state)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -88,10 +88,8 @@ def full_state(model, opt):
     return weights, masks
 
 
-def run(mode: str, backend: str, saliency: str, bucket_view: bool) -> dict:
-    """This rank's part of one distributed run; returns what rank 0 writes."""
-    import torch.distributed as dist
-
+def build(mode: str, backend: str, saliency: str, bucket_view: bool):
+    """(model, the module to call, optimizer) on this rank."""
     model = build_model()
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
@@ -106,15 +104,41 @@ def run(mode: str, backend: str, saliency: str, bucket_view: bool) -> dict:
         wrapped = DistributedDataParallel(model, gradient_as_bucket_view=bucket_view)
     else:
         raise SystemExit(f"unknown mode {mode}")
-    opt = make_opt(model, backend, saliency)
-    thetas = []
-    for step in range(STEPS):
+    return model, wrapped, make_opt(model, backend, saliency)
+
+
+def train(wrapped, opt, steps, thetas: list) -> None:
+    import torch.distributed as dist
+
+    for step in steps:
         x = batch(step, dist.get_rank())
         loss = wrapped(x, labels=x).loss
         loss.backward()
         opt.step(loss=loss)
         thetas.append(opt.sparsity_report()["theta"])
         opt.zero_grad()
+
+
+def run(mode: str, backend: str, saliency: str, flags, folder: str) -> dict:
+    """This rank's part of one distributed run; returns what rank 0 writes. ``flags``:
+    ``bucket`` (DDP's gradient_as_bucket_view), ``resume`` (stop half-way, save the shards
+    with agip.distributed.save_sharded, rebuild everything, load, go on), ``full`` (write a
+    whole checkpoint with agip.distributed.save_full at the end)."""
+    from agip import distributed
+
+    model, wrapped, opt = build(mode, backend, saliency, "bucket" in flags)
+    thetas = []
+    if "resume" in flags:
+        ckpt = os.path.join(folder, f"sharded-{mode}")
+        train(wrapped, opt, range(STEPS // 2), thetas)
+        distributed.save_sharded(ckpt, model, opt)
+        model, wrapped, opt = build(mode, backend, saliency, "bucket" in flags)
+        distributed.load_sharded(ckpt, model, opt)
+        train(wrapped, opt, range(STEPS // 2, STEPS), thetas)
+    else:
+        train(wrapped, opt, range(STEPS), thetas)
+    if "full" in flags:
+        distributed.save_full(os.path.join(folder, f"full-{mode}"), model, None, opt, state={"steps": STEPS})
     weights, masks = full_state(model, opt)
     return {"weights": weights, "masks": masks, "thetas": thetas, "report": opt.sparsity_report()}
 
@@ -128,7 +152,7 @@ def main(out: str, *runs: str) -> None:
     results = {}
     for spec in runs:
         mode, backend, saliency, *flags = spec.split(":")
-        results[spec] = run(mode, backend, saliency, "bucket" in flags)
+        results[spec] = run(mode, backend, saliency, flags, os.path.dirname(os.path.abspath(out)))
     if dist.get_rank() == 0:
         torch.save(results, out)
     dist.destroy_process_group()

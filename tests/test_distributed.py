@@ -14,7 +14,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import dist_worker  # noqa: E402
 
-RUNS = ["fsdp:cpp:fisher", "fsdp:reference:taylor", "ddp:reference:fisher", "ddp:cpp:taylor:bucket"]
+RUNS = ["fsdp:cpp:fisher:resume:full", "fsdp:reference:taylor", "ddp:reference:fisher", "ddp:cpp:taylor:bucket"]
 
 
 def torchrun(*args, timeout=240):
@@ -29,13 +29,13 @@ def torchrun(*args, timeout=240):
 def distributed(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("dist") / "runs.pt")
     torchrun(os.path.join(HERE, "dist_worker.py"), out, *RUNS)
-    return torch.load(out)
+    return os.path.dirname(out), torch.load(out)
 
 
 @pytest.mark.parametrize("spec", RUNS)
 def test_two_ranks_equal_one_process(distributed, spec):
     _, backend, saliency, *_ = spec.split(":")
-    got = distributed[spec]
+    got = distributed[1][spec]
     weights, masks, thetas = dist_worker.reference(backend, saliency)
     assert got["thetas"] == thetas  # every step's exact global threshold
     assert any(t > 0 for t in thetas)  # pruning happened
@@ -45,6 +45,9 @@ def test_two_ranks_equal_one_process(distributed, spec):
     for name in weights:
         torch.testing.assert_close(got["weights"][name], weights[name], rtol=0, atol=0)
     rep = got["report"]
+    # DDP's gradient_as_bucket_view=True points .grad at DDP's buckets: AGIP copies them back
+    # each step (counted); the default setting and FSDP2 write straight into AGIP's buffer
+    assert (rep["rebound_grads"] > 0) == ("bucket" in spec), rep["rebound_grads"]
     assert rep["n_prunable"] == sum(m.numel() for m in masks.values())
     assert rep["n_pruned"] == sum(int((~m).sum()) for m in masks.values()) == int(0.5 * rep["n_prunable"])
 
@@ -69,3 +72,25 @@ def test_sharded_state_of_another_world_size_is_refused():
     sd["agip"].update(world_size=2, sharded=True)
     with pytest.raises(ValueError, match="nproc_per_node 2"):
         opt.load_state_dict(sd)
+
+
+def test_full_checkpoint_from_shards_loads_in_one_process(distributed):
+    """save_full gathers FSDP2's shards: one checkpoint that `agip eval` reads."""
+    from agip import checkpoint
+
+    folder, runs = distributed
+    got = runs["fsdp:cpp:fisher:resume:full"]
+    path = os.path.join(folder, "full-fsdp")
+    assert checkpoint.is_checkpoint(path)
+    from safetensors.torch import load_file
+    import transformers
+
+    model = transformers.GPT2LMHeadModel.from_pretrained(path)
+    params = dict(model.named_parameters())
+    for name, w in got["weights"].items():
+        assert torch.equal(params[name].detach(), w), name
+    masks = load_file(os.path.join(path, "masks.safetensors"))
+    assert masks.keys() == got["masks"].keys()
+    for name, m in masks.items():
+        assert torch.equal(m, got["masks"][name])
+        assert torch.all(params[name].detach()[~m] == 0)
