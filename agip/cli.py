@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from .methods import METHODS
@@ -67,6 +68,8 @@ def _add_finetune(sub):
                    help="wanda: train blocks used for the activation norms")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps; 0 = only at the end")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint, bit for bit")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the model with FSDP2 (fully_shard) instead of DDP")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -132,7 +135,8 @@ def main(argv=None) -> int:
         if kw.get("eval_max_tokens") == 0:
             kw["eval_max_tokens"] = None
         report = finetune(FinetuneConfig(**kw))
-        print(summary(report))
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0 speaks
+            print(summary(report))
         return 0
     except (ValueError, RuntimeError, FileNotFoundError, TypeError) as e:
         print(f"agip: error: {e}", file=sys.stderr)

@@ -190,3 +190,50 @@ def save_full(path: str, model, tokenizer, opt=None, state: dict = None) -> None
         checkpoint.save(path, model, tokenizer, weights=weights, masks=masks, state=state)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+# --- the harness under torchrun ---------------------------------------------------------
+def init_from_env() -> tuple:
+    """When launched by ``torchrun`` (``WORLD_SIZE`` > 1), initialise ``torch.distributed``
+    (nccl on CUDA, gloo on the CPU) and pick this rank's GPU. Returns (rank, world size,
+    device, whether this call initialised the process group)."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world <= 1 and not dist.is_initialized():
+        return 0, 1, torch.device("cuda" if cuda else "cpu"), False
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cpu")
+    if cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} GPU(s): "
+                               "start at most that many processes per node (torchrun --nproc_per_node)")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device, started
+
+
+def shard_model(model) -> None:
+    """FSDP2 in place: ``fully_shard`` on each transformer block (the classes a transformers
+    model names in ``_no_split_modules``), then on the whole model."""
+    from torch.distributed.fsdp import fully_shard
+
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} names no transformer block class (_no_split_modules): "
+                         "shard it yourself with fully_shard and build AGIP on it")
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def mean_over_ranks(x: float, device) -> float:
+    """The mean of a float over all ranks (itself in a single process)."""
+    return Comm(None, world_size()).mean(x, device)

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from . import checkpoint, methods
+from . import checkpoint, distributed, methods
 from .data import EVAL_ONLY, join, load_corpus
 from .evaluate import perplexity
 from .models import EMBEDDED, context_length, load_model
@@ -68,6 +68,7 @@ class FinetuneConfig:
     calibration_blocks: int = 32  # Wanda: train blocks whose activations give ||X_j||
     checkpoint_every: int = 0
     resume: bool = False
+    fsdp: bool = False  # under torchrun: FSDP2 (fully_shard) instead of DDP (docs/algorithm.md §6)
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -89,6 +90,9 @@ class FinetuneConfig:
         need(self.eval_split in ("validation", "test"), f"--eval-split must be validation or test, got {self.eval_split!r}")
         need(self.eval_max_tokens is None or self.eval_max_tokens >= 2, "--eval-max-tokens must be >= 2 (or 0 for all)")
         need(self.checkpoint_every >= 0, "--checkpoint-every must be >= 0")
+        need(not self.fsdp or self.method in ("agip", "adamw"),
+             f"--fsdp runs --method agip or adamw; the baselines' masks ({self.method}) need whole weights: run "
+             "them with DDP (torchrun without --fsdp) or in one process")
 
 
 # Within one process (a study grid), a corpus is loaded once, and the perplexity of a
@@ -143,6 +147,16 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     from .report import write_report
 
+    # 0. several processes (torchrun): each rank trains on its part of every batch, under
+    # DDP or FSDP2; rank 0 shows progress and writes the checkpoint and the report
+    rank, world, device, started = distributed.init_from_env()
+    if cfg.fsdp and world == 1:
+        raise ValueError("--fsdp shards the model over several processes: launch with torchrun --nproc_per_node N "
+                         "(N >= 2), e.g. torchrun --nproc_per_node 2 -m agip.cli finetune --fsdp")
+    if world > 1 and (cfg.resume or cfg.checkpoint_every):
+        raise ValueError("--resume and --checkpoint-every run in one process only for now; with several processes "
+                         "use agip.distributed.save_sharded / load_sharded from Python (docs/design.md)")
+    show = cfg.progress and rank == 0
     torch.manual_seed(cfg.seed)
     ckpt_dir = os.path.join(cfg.out, "checkpoint")
     resuming = cfg.resume and checkpoint.is_checkpoint(ckpt_dir)
@@ -155,7 +169,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
     else:
         model, tok = load_model(cfg.model)
         state = {}
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     ctx = context_length(model)
     L = cfg.eval_seq_len or min(1024, ctx)
@@ -180,10 +193,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
         raise ValueError(f"the train split has {train_ids.numel()} tokens, fewer than one block of {cfg.block_size}")
     blocks = train_ids[: n_blocks * cfg.block_size].view(n_blocks, cfg.block_size)
 
-    def batch(step: int, micro: int) -> torch.Tensor:
+    def batch(step: int, micro: int, part: int = rank, parts: int = world) -> torch.Tensor:
         # sample i of the run is block order[epoch][i % n_blocks]: a pure function of the
-        # step, so a resumed run reads exactly the batches it would have read
-        first = (step * cfg.grad_accum + micro) * cfg.batch_size
+        # step, so a resumed run reads exactly the batches it would have read; with several
+        # processes each step's global batch has parts * batch_size blocks, part r is rank r's
+        first = ((step * cfg.grad_accum + micro) * parts + part) * cfg.batch_size
         idx = []
         for i in range(first, first + cfg.batch_size):
             epoch, pos = divmod(i, n_blocks)
@@ -196,7 +210,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         key = (cfg.model, name, split, L, stride, cfg.eval_max_tokens)
         if fresh and key in _fresh_ppl:  # a freshly loaded model: measured once per process
             return _fresh_ppl[key]
-        res = perplexity(model, ids, L, stride, progress=cfg.progress, desc=desc)
+        res = perplexity(model, ids, L, stride, progress=show, desc=desc)
         if fresh:
             _fresh_ppl[key] = res
         return res
@@ -207,7 +221,15 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if cfg.eval_ood and ood_before is None:
         ood_before = measure(cfg.eval_ood, cfg.eval_split, ood_ids, f"ppl before ({cfg.eval_ood})", fresh=True)
 
-    # 3. the method, its optimizer, the LR schedule, resume
+    # 3. the method, its optimizer, the LR schedule, resume (FSDP2 shards the model before
+    # the optimizer is built on its shards; DDP wraps it for training only)
+    train_model = model
+    if cfg.fsdp:
+        distributed.shard_model(model)
+    elif world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     method = methods.make(cfg)
     opt = method.optimizer(cfg, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
@@ -222,33 +244,37 @@ def finetune(cfg: FinetuneConfig) -> dict:
     pruned = state.get("ppl_pruned")
     if not resuming:  # one-shot methods prune here, then the mask stays fixed
 
-        def calibration():
-            return [batch(i, 0) for i in range(max(1, cfg.calibration_blocks // cfg.batch_size))]
+        def calibration():  # the same blocks on every rank: every rank finds the same masks
+            return [batch(i, 0, 0, 1) for i in range(max(1, cfg.calibration_blocks // cfg.batch_size))]
 
         if method.before_training(model, opt, calibration):
-            pruned = perplexity(model, eval_ids, L, stride, progress=cfg.progress, desc="ppl pruned")
+            pruned = perplexity(model, eval_ids, L, stride, progress=show, desc="ppl pruned")
 
     def save_checkpoint(step):
-        checkpoint.save(ckpt_dir, model, tok, opt, sched, rng=get_rng_state(), state={
-            "step": step, "before": before, "ood_before": ood_before, "ppl_pruned": pruned, "history": history,
-            "train_seconds": train_time,
-            "config": dataclasses.asdict(cfg)})
+        state = {"step": step, "before": before, "ood_before": ood_before, "ppl_pruned": pruned,
+                 "history": history, "train_seconds": train_time, "config": dataclasses.asdict(cfg)}
+        if world > 1:  # one whole checkpoint (weights and masks) from rank 0, no optimizer state
+            distributed.save_full(ckpt_dir, model, tok, opt, state=state)
+        else:
+            checkpoint.save(ckpt_dir, model, tok, opt, sched, rng=get_rng_state(), state=state)
 
     # 4. the training loop
     model.train()
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
-    bar = tqdm(range(start, cfg.steps), desc=f"fine-tune ({cfg.method})", initial=start, total=cfg.steps,
-               disable=not cfg.progress)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size * world
+    bar = tqdm(range(start, cfg.steps), desc=f"fine-tune ({cfg.method}{f', {world} processes' if world > 1 else ''})",
+               initial=start, total=cfg.steps, disable=not show)
     for step in bar:
         t0 = time.perf_counter()
         losses = []
         for micro in range(cfg.grad_accum):
             x = batch(step, micro)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = model(x, labels=x).loss
+                loss = train_model(x, labels=x).loss
             (loss / cfg.grad_accum).backward()
             losses.append(loss.item())
-        E = sum(losses) / len(losses)  # docs/algorithm.md §0: the mean of the micro-batch losses
+        # docs/algorithm.md §0, §6: the mean of the micro-batch losses, over all ranks (the
+        # optimizer's own mean over ranks then changes nothing)
+        E = distributed.mean_over_ranks(sum(losses) / len(losses), device)
         lr = sched.get_last_lr()[0]
         opt.step(loss=E)
         sched.step()
@@ -266,7 +292,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             save_checkpoint(step + 1)
 
     # 5. perplexity after, checkpoint, report
-    after = perplexity(model, eval_ids, L, stride, progress=cfg.progress, desc="ppl after")
+    after = perplexity(model, eval_ids, L, stride, progress=show, desc="ppl after")
     after_validation = ood_after = ood_after_validation = None
     if cfg.eval_validation:
         after_validation = measure(cfg.dataset, "validation", eval_ids_of(cfg.dataset, "validation"), "ppl validation")
@@ -290,7 +316,12 @@ def finetune(cfg: FinetuneConfig) -> dict:
         "train_tokens": tokens_per_step * cfg.steps, "backend": opt.backend.__name__.rsplit(".", 1)[-1],
         "history": history, "checkpoint": ckpt_dir,
     }
-    write_report(report, cfg.out)
+    if rank == 0:
+        write_report(report, cfg.out)
+    if started:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return report
 
 

@@ -94,3 +94,33 @@ def test_full_checkpoint_from_shards_loads_in_one_process(distributed):
     for name, m in masks.items():
         assert torch.equal(m, got["masks"][name])
         assert torch.all(params[name].detach()[~m] == 0)
+
+
+@pytest.mark.parametrize("fsdp", [True, False], ids=["fsdp", "ddp"])
+def test_finetune_under_torchrun(gpt2_dir, corpus_dir, tmp_path, capsys, fsdp):
+    """`agip finetune` with 2 processes: rank 0 writes one report and one whole checkpoint,
+    which `agip eval` in one process measures to the same perplexity."""
+    import json
+
+    from agip.cli import main
+
+    out = tmp_path / "run"
+    res = torchrun("-m", "agip.cli", "finetune", "--model", gpt2_dir, "--dataset", corpus_dir, "--steps", "4",
+                   "--batch-size", "2", "--block-size", "32", "--eval-seq-len", "64", "--eval-max-tokens", "512",
+                   "--target-sparsity", "0.5", "--out", str(out), "--no-progress", *(["--fsdp"] if fsdp else []))
+    assert res.stdout.count("perplexity on") == 1  # rank 0 speaks
+    report = json.loads((out / "report.json").read_text())
+    assert report["sparsity_prunable"] == 0.5
+    assert report["train_tokens"] == 4 * 2 * 2 * 32  # steps x ranks x batch x block
+    assert main(["eval", str(out / "checkpoint"), "--dataset", corpus_dir, "--seq-len", "64", "--max-tokens", "512",
+                 "--no-progress"]) == 0
+    assert f"{report['ppl_after']['ppl']:.3f}" in capsys.readouterr().out
+
+
+def test_fsdp_needs_several_processes(gpt2_dir, corpus_dir, tmp_path):
+    from agip.train import FinetuneConfig, finetune
+
+    with pytest.raises(ValueError, match="torchrun --nproc_per_node"):
+        finetune(FinetuneConfig(model=gpt2_dir, dataset=corpus_dir, fsdp=True, out=str(tmp_path)))
+    with pytest.raises(ValueError, match="--fsdp runs --method agip or adamw"):
+        finetune(FinetuneConfig(model=gpt2_dir, dataset=corpus_dir, fsdp=True, method="wanda", out=str(tmp_path)))
