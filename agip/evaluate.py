@@ -32,8 +32,14 @@ def windows(n_tokens: int, seq_len: int, stride: int):
 
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, seq_len: int, stride: Optional[int] = None, progress: bool = False,
-               desc: str = "perplexity") -> dict:
-    """Perplexity of ``model`` on the 1-D token tensor ``ids`` (see module docstring)."""
+               desc: str = "perplexity", rank: int = 0, world: int = 1) -> dict:
+    """Perplexity of ``model`` on the 1-D token tensor ``ids`` (see module docstring).
+
+    With ``world`` > 1 processes (torchrun; every rank calls this), rank r scores windows
+    r, r + world, ... and the negative log-likelihoods are summed over ranks.
+    """
+    if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
+        raise ValueError(f"need 0 <= rank < world, got rank={rank!r}, world={world!r}")
     if ids.ndim != 1:
         raise ValueError(f"ids must be a 1-D token tensor, got shape {tuple(ids.shape)}")
     stride = seq_len if stride is None else stride
@@ -46,19 +52,31 @@ def perplexity(model, ids: torch.Tensor, seq_len: int, stride: Optional[int] = N
     model.eval()
     spans = list(windows(ids.numel(), seq_len, stride))
     nll, scored = 0.0, 0
-    bar = spans
+    # every rank runs as many forward passes (FSDP2 gathers weights in each, a collective):
+    # a rank out of windows runs the first one again and scores nothing of it (n = 0)
+    mine = spans[rank::world]
+    rounds = -(-len(spans) // world)
+    bar = mine + [(spans[0][0], spans[0][1], 0)] * (rounds - len(mine))
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(spans, desc=desc, unit="window", leave=False)
+        bar = tqdm(bar, desc=desc, unit="window", leave=False)
     for begin, end, n in bar:
         x = ids[begin:end].unsqueeze(0).to(device)
         logits = model(x).logits[0].float()
+        if n == 0:
+            continue
         # logits at position i predict token i + 1; score the last n tokens of the window
         pred = logits[end - begin - 1 - n : end - begin - 1]
         target = x[0, end - begin - n :]
         nll += float(F.cross_entropy(pred, target, reduction="sum"))
         scored += n
     model.train(was_training)
+    if world > 1:
+        import torch.distributed as dist
+
+        total = torch.tensor([nll, scored], dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        nll, scored = float(total[0]), int(total[1])
     return {"ppl": math.exp(nll / scored), "nll": nll, "scored_tokens": scored, "tokens": int(ids.numel()),
             "seq_len": seq_len, "stride": stride, "windows": len(spans)}

@@ -65,6 +65,7 @@ class FlatState:
             )
         self.device = devices.pop() if devices else torch.device("cpu")
         self.rebound_grads = 0
+        self.rebound_params = 0
         self.scratch: dict = {}  # backend-owned work buffers (e.g. histograms), keyed by backend
         self.buckets: List[Bucket] = []
         dtypes = []
@@ -145,21 +146,26 @@ class FlatState:
 
     # --- binding --------------------------------------------------------------------
     def rebind_grads(self) -> None:
-        """Make every ``p.grad`` a view of its bucket again (docs/design.md: a replaced grad is
-        copied back and re-bound, and counted). A missing grad counts as zero.
+        """Make every parameter and every ``p.grad`` a view of its bucket again (docs/design.md:
+        a replaced grad, or a parameter copied to an equal device and dtype, is copied back and
+        re-bound, and counted). A missing grad counts as zero.
 
         Checks everything before copying anything, so a bad grad changes no state.
         """
-        todo = []
+        todo, moved = [], []
         for b in self.buckets:
             for s in b.slots:
                 p = s.param
                 if not s.mirrored and p.data_ptr() != b.w.data_ptr() + s.start * b.w.element_size():
-                    raise RuntimeError(
-                        f"parameter {s.name!r} no longer lives in the optimizer's flat buffer "
-                        "(was the model moved, cast or re-assigned after the optimizer was created?); "
-                        "create the optimizer after model.to(...)"
-                    )
+                    # copied to an equal place (transformers.Trainer's model.to("cpu:0") under
+                    # torchrun copies CPU tensors): its values go back into the bucket
+                    if p.device != self.device or p.dtype != b.dtype or tuple(p.shape) != s.shape:
+                        raise RuntimeError(
+                            f"parameter {s.name!r} no longer lives in the optimizer's flat buffer: it is now "
+                            f"{p.dtype} on {p.device}, the optimizer's is {b.dtype} on {self.device} (was the model "
+                            "moved or cast after the optimizer was created?); create the optimizer after model.to(...)"
+                        )
+                    moved.append((b, s))
                 grad = p.grad if p.grad is None else local(p.grad)
                 if grad is None:
                     todo.append((b, s, None))
@@ -173,6 +179,11 @@ class FlatState:
                     raise RuntimeError(f"gradient of {s.name!r} has shape {tuple(grad.shape)}, parameter {s.shape}")
                 if grad.data_ptr() != b.g.data_ptr() + s.start * b.g.element_size() or not grad.is_contiguous():
                     todo.append((b, s, grad))
+        for b, s in moved:
+            view = b.w[s.start : s.start + s.numel]
+            view.copy_(s.param.detach().reshape(-1))
+            s.param.data = view.view_as(s.param)
+            self.rebound_params += 1
         for b, s, grad in todo:
             view = b.g[s.start : s.start + s.numel]
             if grad is None:

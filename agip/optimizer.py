@@ -156,6 +156,7 @@ class AGIP(torch.optim.Optimizer):
         if not self._prunes:
             for g in self.param_groups:
                 g["prune"] = False
+        self._process_group = process_group
         self.comm = make_comm([p for g in self.param_groups for p in g["params"]], process_group)
         self._flat = FlatState(self.param_groups, saliency_ema=saliency_ema > 0 and self._prunes, comm=self.comm)
         if target_sparsity > 0 and self._flat.n_prunable_global == 0:
@@ -212,6 +213,16 @@ class AGIP(torch.optim.Optimizer):
                     f"a parameter with requires_grad=False was given{where}: leave frozen parameters "
                     "out of the optimizer (agip.param_groups does)"
                 )
+
+    def _late_comm(self) -> None:
+        """Replicated parameters (DDP) of an optimizer built before the process group (e.g.
+        handed to ``transformers.Trainer``, whose accelerate initialises it later): take the
+        group at the first step once it exists (algorithm.md §6)."""
+        if not self.comm.active and self._process_group is None:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                self.comm = self._flat.comm = make_comm([p for g in self.param_groups for p in g["params"]])
 
     def _fisher_beta2(self) -> float:
         """The beta2 that all prunable groups share (algorithm.md §2.1b: the bias correction
@@ -280,6 +291,7 @@ class AGIP(torch.optim.Optimizer):
             if loss is None:
                 loss = closure_loss
         E = self._loss_value(loss)
+        self._late_comm()
         if E is not None:  # algorithm.md §6: E_t is the mean over ranks (one scalar all-reduce)
             E = self.comm.mean(E, self._flat.device)
         cfg = self.config
@@ -416,6 +428,7 @@ class AGIP(torch.optim.Optimizer):
             "ta_scale": self._last["ta_scale"],
             "skipped_steps": self.skipped_steps,
             "rebound_grads": flat.rebound_grads,
+            "rebound_params": flat.rebound_params,
             "layer_density": {n: (k / z if z else 1.0) for n, k, z in zip(names, kept, sizes)},
         }
 

@@ -210,7 +210,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         key = (cfg.model, name, split, L, stride, cfg.eval_max_tokens)
         if fresh and key in _fresh_ppl:  # a freshly loaded model: measured once per process
             return _fresh_ppl[key]
-        res = perplexity(model, ids, L, stride, progress=show, desc=desc)
+        res = perplexity(model, ids, L, stride, progress=show, rank=rank, world=world, desc=desc)
         if fresh:
             _fresh_ppl[key] = res
         return res
@@ -248,7 +248,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             return [batch(i, 0, 0, 1) for i in range(max(1, cfg.calibration_blocks // cfg.batch_size))]
 
         if method.before_training(model, opt, calibration):
-            pruned = perplexity(model, eval_ids, L, stride, progress=show, desc="ppl pruned")
+            pruned = perplexity(model, eval_ids, L, stride, progress=show, rank=rank, world=world, desc="ppl pruned")
 
     def save_checkpoint(step):
         state = {"step": step, "before": before, "ood_before": ood_before, "ppl_pruned": pruned,
@@ -292,7 +292,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             save_checkpoint(step + 1)
 
     # 5. perplexity after, checkpoint, report
-    after = perplexity(model, eval_ids, L, stride, progress=show, desc="ppl after")
+    after = perplexity(model, eval_ids, L, stride, progress=show, rank=rank, world=world, desc="ppl after")
     after_validation = ood_after = ood_after_validation = None
     if cfg.eval_validation:
         after_validation = measure(cfg.dataset, "validation", eval_ids_of(cfg.dataset, "validation"), "ppl validation")

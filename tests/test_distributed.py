@@ -99,20 +99,22 @@ def test_full_checkpoint_from_shards_loads_in_one_process(distributed):
 @pytest.mark.parametrize("fsdp", [True, False], ids=["fsdp", "ddp"])
 def test_finetune_under_torchrun(gpt2_dir, corpus_dir, tmp_path, capsys, fsdp):
     """`agip finetune` with 2 processes: rank 0 writes one report and one whole checkpoint,
-    which `agip eval` in one process measures to the same perplexity."""
+    which `agip eval` in one process measures to the same perplexity (the ranks split the
+    evaluation windows and sum their log-likelihoods)."""
     import json
 
     from agip.cli import main
 
     out = tmp_path / "run"
     res = torchrun("-m", "agip.cli", "finetune", "--model", gpt2_dir, "--dataset", corpus_dir, "--steps", "4",
-                   "--batch-size", "2", "--block-size", "32", "--eval-seq-len", "64", "--eval-max-tokens", "512",
+                   "--batch-size", "2", "--block-size", "32", "--eval-seq-len", "64", "--eval-max-tokens", "448",
                    "--target-sparsity", "0.5", "--out", str(out), "--no-progress", *(["--fsdp"] if fsdp else []))
     assert res.stdout.count("perplexity on") == 1  # rank 0 speaks
     report = json.loads((out / "report.json").read_text())
     assert report["sparsity_prunable"] == 0.5
     assert report["train_tokens"] == 4 * 2 * 2 * 32  # steps x ranks x batch x block
-    assert main(["eval", str(out / "checkpoint"), "--dataset", corpus_dir, "--seq-len", "64", "--max-tokens", "512",
+    # 7 windows over 2 ranks: one rank runs a window more, scoring nothing of it
+    assert main(["eval", str(out / "checkpoint"), "--dataset", corpus_dir, "--seq-len", "64", "--max-tokens", "448",
                  "--no-progress"]) == 0
     assert f"{report['ppl_after']['ppl']:.3f}" in capsys.readouterr().out
 
@@ -124,3 +126,19 @@ def test_fsdp_needs_several_processes(gpt2_dir, corpus_dir, tmp_path):
         finetune(FinetuneConfig(model=gpt2_dir, dataset=corpus_dir, fsdp=True, out=str(tmp_path)))
     with pytest.raises(ValueError, match="--fsdp runs --method agip or adamw"):
         finetune(FinetuneConfig(model=gpt2_dir, dataset=corpus_dir, fsdp=True, method="wanda", out=str(tmp_path)))
+
+
+def test_trainer_under_accelerate_ddp(tmp_path):
+    """transformers.Trainer (accelerate's DDP, 2 processes): both ranks see the mean loss
+    over ranks and keep identical weights and masks, pruned to the target."""
+    out = str(tmp_path / "hf")
+    torchrun(os.path.join(HERE, "hf_ddp_worker.py"), out)
+    r0, r1 = torch.load(out + ".0"), torch.load(out + ".1")
+    assert r0["world"] == r1["world"] == 2
+    assert r0["losses"] == r1["losses"] and len(r0["losses"]) == 6
+    assert r0["masks"].keys() == r1["masks"].keys()
+    for name in r0["masks"]:
+        assert torch.equal(r0["masks"][name], r1["masks"][name])
+    for name in r0["weights"]:
+        assert torch.equal(r0["weights"][name], r1["weights"][name]), name
+    assert r0["report"]["sparsity_prunable"] == pytest.approx(0.4, abs=1e-3)

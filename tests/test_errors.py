@@ -115,3 +115,27 @@ def test_non_finite_step_changes_nothing_but_skipped_steps(poison):
     assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
     assert before[1:] == after[1:]
     assert opt.skipped_steps == 1 and opt.step_count == 4
+
+
+def test_parameters_copied_to_an_equal_device_are_bound_again():
+    """transformers.Trainer under torchrun calls model.to("cpu:0"), which copies CPU
+    parameters: AGIP copies them back into its buffer (counted) and trains on."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = agip.AGIP(agip.param_groups(model), total_steps=4, backend="reference")
+    model.to(torch.device("cpu", 0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, opt, 1)
+    rep = opt.sparsity_report()
+    assert rep["rebound_params"] == len(before)
+    for n, p in model.named_parameters():  # bound again, and the step moved them
+        assert opt._flat.buckets[0].w.untyped_storage().data_ptr() == p.untyped_storage().data_ptr()
+        assert not torch.equal(p.detach(), before[n])
+
+
+def test_parameters_cast_after_the_optimizer_are_a_clear_error():
+    model = TinyLM()
+    opt = agip.AGIP(agip.param_groups(model), total_steps=4, backend="reference")
+    model.double()
+    with pytest.raises(RuntimeError, match="create the optimizer after model.to"):
+        train(model, opt, 1)
