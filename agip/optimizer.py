@@ -76,6 +76,12 @@ class AGIP(torch.optim.Optimizer):
     is the thesis' method exactly (Taylor ``|w g|``, exp ramp with the stability factor,
     TA). The preset fills ``saliency``, ``fisher_power``, ``schedule``, ``prune_interval``,
     ``ta_gamma`` and ``stability`` where they are left as None (algorithm.md §5).
+
+    Under DDP or FSDP2 (algorithm.md §6) every rank makes the decision one process would
+    make for the whole model: build AGIP on the model (FSDP2: after ``fully_shard``); it
+    averages the loss over ranks and, for FSDP2's shards, sums G^2 and the threshold's
+    histograms. ``process_group`` is the data-parallel group (default: the FSDP2 mesh's,
+    else the world when ``torch.distributed`` is initialised).
     """
 
     _prunes = True  # TAAdamW turns pruning off

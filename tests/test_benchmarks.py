@@ -49,3 +49,26 @@ def test_gpu_check_says_so_in_one_line_without_a_gpu(tmp_path):
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().count("\n") == 0 and "no CUDA GPU" in res.stdout
     assert not any(tmp_path.iterdir())
+
+
+def test_bench_memory_measures_what_it_computes(gpt2_dir, tmp_path):
+    """Optimizer bytes per rank under DDP and FSDP2 with 2 processes: the measured buffers
+    match the layout's formula (FSDP2: each rank holds its shards' state, plus a copy of
+    its weight shards)."""
+    out = tmp_path / "mem.json"
+    res = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_memory.py"), "--model", gpt2_dir,
+         "--measure", "2", "--worlds", "8", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = {(r["world"], r["mode"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {(2, "ddp"), (2, "fsdp"), (8, "ddp"), (8, "fsdp")}
+    for mode in ("ddp", "fsdp"):
+        r = rows[(2, mode)]
+        assert len(r["measured_bytes_per_param"]) == 2
+        for got in r["measured_bytes_per_param"]:  # shards differ by at most a row
+            assert abs(got - r["computed_bytes_per_param"]) / r["computed_bytes_per_param"] < 0.01
+    # FSDP2 divides the state by the world size; DDP replicates it
+    assert rows[(8, "fsdp")]["computed_bytes_per_param"] < rows[(2, "fsdp")]["computed_bytes_per_param"] / 3
+    assert rows[(8, "ddp")]["computed_bytes_per_param"] == rows[(2, "ddp")]["computed_bytes_per_param"]
