@@ -36,6 +36,8 @@ def _add_finetune(sub):
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 disables clipping")
     p.add_argument("--target-sparsity", type=float, default=d.target_sparsity, help="share of the prunable weights")
+    p.add_argument("--sparsity-pattern", default=d.sparsity_pattern,
+                   help="'unstructured' or 'N:M' (e.g. 2:4: N of every M weights along the input; target <= N/M)")
     p.add_argument("--schedule", default=d.schedule, choices=("exp", "cubic", "oneshot"),
                    help="default: the preset's")
     p.add_argument("--prune-interval", type=int, default=d.prune_interval, help="default: the preset's")

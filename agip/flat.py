@@ -30,6 +30,7 @@ class Slot:
     numel: int
     shape: tuple = ()
     mirrored: bool = False
+    input_dim: int = -1  # the weight's input dimension (N:M groups run along it)
 
 
 @dataclass
@@ -80,13 +81,14 @@ class FlatState:
             for gi in order:
                 group = param_groups[gi]
                 names = group.get("param_names") or [None] * len(group["params"])
+                dims = group.get("input_dims") or [p.ndim - 1 for p in group["params"]]
                 start = n
-                for pi, (p, name) in enumerate(zip(group["params"], names)):
+                for pi, (p, name, dim) in enumerate(zip(group["params"], names, dims)):
                     if p.dtype != dtype:
                         continue
                     shard = local(p)
                     slots.append(Slot(p, name or f"group{gi}.param{pi}", gi, n, shard.numel(), tuple(shard.shape),
-                                      mirrored=is_dtensor(p)))
+                                      mirrored=is_dtensor(p), input_dim=dim))
                     n += shard.numel()
                 if n > start:
                     ranges.append((gi, start, n))

@@ -55,7 +55,8 @@ def param_groups(
     Returns up to three torch param groups, each with a boolean ``"prune"`` key and the
     parameter names (as ``(name, tensor)`` pairs, which torch turns into ``"param_names"``):
 
-    - ``prune=True``, decayed: the prunable set P (see module docstring);
+    - ``prune=True``, decayed: the prunable set P (see module docstring), with
+      ``"input_dims"``: each weight's input dimension (where N:M groups run);
     - ``prune=False``, decayed: other matrices (e.g. an untied ``lm_head``);
     - ``prune=False``, ``weight_decay=0``: biases, norms, embeddings.
 
@@ -78,8 +79,12 @@ def param_groups(
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     lm_head_params = {id(out_emb.weight)} if isinstance(out_emb, nn.Module) and hasattr(out_emb, "weight") else set()
 
-    default_prunable = set()
+    default_prunable, input_dim = set(), {}
     for mod_name, module in model.named_modules():
+        if _is_projection(module) and getattr(module, "weight", None) is not None:
+            # the input dimension of the weight (N:M groups run along it): Conv1D stores
+            # (in, out), nn.Linear (out, in)
+            input_dim[id(module.weight)] = 0 if type(module).__name__ == "Conv1D" else module.weight.ndim - 1
         if _is_projection(module) and _in_block(mod_name) and getattr(module, "weight", None) is not None:
             w = module.weight
             if id(w) not in embedding_params and id(w) not in lm_head_params:
@@ -104,7 +109,8 @@ def param_groups(
 
     groups = []
     if prune:
-        groups.append({"params": prune, "weight_decay": float(weight_decay), "prune": True})
+        groups.append({"params": prune, "weight_decay": float(weight_decay), "prune": True,
+                       "input_dims": [input_dim.get(id(p), p.ndim - 1) for _, p in prune]})
     if decay:
         groups.append({"params": decay, "weight_decay": float(weight_decay), "prune": False})
     if no_decay:

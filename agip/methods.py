@@ -32,7 +32,8 @@ class Method:
                          target_sparsity=cfg.target_sparsity, schedule=cfg.schedule, total_steps=cfg.steps,
                          prune_interval=cfg.prune_interval, regrow_fraction=cfg.regrow_fraction,
                          saliency_ema=cfg.saliency_ema, stability=cfg.stability, saliency=cfg.saliency,
-                         fisher_power=cfg.fisher_power, preset=cfg.preset, backend=cfg.backend)
+                         fisher_power=cfg.fisher_power, preset=cfg.preset, backend=cfg.backend,
+                         sparsity_pattern=cfg.sparsity_pattern)
 
     def before_training(self, model, opt, calibration) -> bool:
         return False

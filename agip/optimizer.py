@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from . import backends
+from . import backends, nm
 from .backends import GroupHyper, StepPlan
 from .distributed import is_dtensor, local, make_comm
 from .flat import FlatState
@@ -115,6 +115,7 @@ class AGIP(torch.optim.Optimizer):
         fisher_power: Optional[float] = None,
         preset: str = "default",
         process_group=None,
+        sparsity_pattern: str = "unstructured",
     ):
         _check(preset in PRESETS, f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
         chosen = PRESETS[preset]
@@ -143,6 +144,12 @@ class AGIP(torch.optim.Optimizer):
                f"regrow_fraction must be in [0, 1], got {regrow_fraction!r}")
         _check(_number(saliency_ema) and 0 <= saliency_ema < 1, f"saliency_ema must be in [0, 1), got {saliency_ema!r}")
         _check(isinstance(backend, str), f"backend must be a string, got {type(backend).__name__}")
+        self._nm = nm.parse(sparsity_pattern)
+        if self._nm:
+            n, m = self._nm
+            _check(target_sparsity <= n / m + 1e-12, f"sparsity_pattern {sparsity_pattern!r} prunes at most {n}/{m} = "
+                   f"{n / m:g} of the prunable weights (all groups); got target_sparsity={target_sparsity!r}")
+            _check(regrow_fraction == 0, "regrowth (regrow_fraction > 0) is for sparsity_pattern='unstructured' only")
         self._check_hyper(lr, betas, eps, weight_decay, where="")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, prune=False)
         super().__init__(params, defaults)
@@ -154,7 +161,7 @@ class AGIP(torch.optim.Optimizer):
             warmup_steps=warmup_steps, tau=tau, prune_interval=prune_interval,
             regrow_fraction=float(regrow_fraction), saliency_ema=float(saliency_ema),
             stability=bool(stability), stability_window=stability_window, saliency=saliency,
-            fisher_power=float(fisher_power), preset=preset,
+            fisher_power=float(fisher_power), preset=preset, sparsity_pattern=sparsity_pattern,
         )
         self.schedule = SparsitySchedule(
             target_sparsity, schedule, total_steps, warmup_steps, tau, prune_interval, stability, stability_window
@@ -170,6 +177,11 @@ class AGIP(torch.optim.Optimizer):
                 f"target_sparsity={target_sparsity} but no param group has prune=True: build the groups "
                 "with agip.param_groups(model), or pass target_sparsity=0"
             )
+        if self._nm:
+            if self.comm.sharded:
+                raise ValueError("sparsity_pattern N:M is not supported on FSDP2 shards yet: use DDP, or 'unstructured'")
+            nm.check_layout(self._flat, self._nm[1])
+            self._nm_groups = nm.groups_total(self._flat, self._nm[1])
         if saliency == "fisher":
             self._fisher_beta2()  # refuse prunable groups with different beta2 now, not at the first step
         self.backend = backends.resolve(backend, self._flat.device)
@@ -333,11 +345,18 @@ class AGIP(torch.optim.Optimizer):
         if E is not None:
             plan.ta_scale = ta_scale(E, ghat_sq, cfg["ta_gamma"], cfg["ta_beta"], cfg["ta_k"],
                                      cfg["ta_clip"], cfg["ta_eps"], cfg["ta_loss_floor"])
-        regrown = 0
+        regrown, nm_masks = 0, None
+        if plan.prune and self._nm:  # algorithm.md §2.5: one shared pass; the backend's update prunes nothing
+            n, m = self._nm
+            nm_masks, nm_theta = nm.select(flat, plan, n, m, nm.groups_to_prune(ratio, n, m, self._nm_groups))
+            plan.prune = False
         if plan.prune:
             sel = self.backend.select(flat, plan)
             plan.theta, plan.regrow_theta, regrown = sel.theta, sel.regrow_theta, sel.n_regrown
         self.backend.update(flat, plan)
+        if nm_masks is not None:
+            nm.apply(flat, nm_masks)
+            plan.prune, plan.theta = True, nm_theta
         flat.sync_out()
         # commit host-side state only after the buffers are updated
         self._step = t

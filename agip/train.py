@@ -44,6 +44,7 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     max_grad_norm: Optional[float] = 1.0
     target_sparsity: float = 0.3
+    sparsity_pattern: str = "unstructured"  # or "N:M", e.g. "2:4" (algorithm.md §2.5; method agip)
     schedule: Optional[str] = None  # None here and below: the preset's value
     prune_interval: Optional[int] = None
     regrow_fraction: float = 0.0
@@ -90,6 +91,8 @@ class FinetuneConfig:
         need(self.eval_split in ("validation", "test"), f"--eval-split must be validation or test, got {self.eval_split!r}")
         need(self.eval_max_tokens is None or self.eval_max_tokens >= 2, "--eval-max-tokens must be >= 2 (or 0 for all)")
         need(self.checkpoint_every >= 0, "--checkpoint-every must be >= 0")
+        need(self.sparsity_pattern == "unstructured" or self.method == "agip",
+             f"--sparsity-pattern {self.sparsity_pattern} is AGIP's (--method agip); the baselines prune unstructured")
         need(not self.fsdp or self.method in ("agip", "adamw"),
              f"--fsdp runs --method agip or adamw; the baselines' masks ({self.method}) need whole weights: run "
              "them with DDP (torchrun without --fsdp) or in one process")

@@ -1,0 +1,127 @@
+"""N:M semi-structured sparsity (docs/algorithm.md §2.5; 2:4 is what GPU sparse tensor cores run).
+
+In every group of M consecutive weights along a layer's input dimension, N are pruned. The
+saliency is the unstructured mode's (Taylor or Fisher, algorithm.md §2.1, §2.1b); the
+schedule ramps the share of groups that are N:M-pruned:
+
+- a group's cost is the sum of its N smallest saliencies (added in increasing order, in
+  fp32): what pruning that group would remove;
+- on a pruning step with R_t, the ``k = floor(R_t / (N/M) * G)`` groups of lowest cost (of
+  all G groups of the model; exact global threshold theta on the costs, the k-th smallest)
+  are pruned: their N entries of smallest saliency get mask 0 (ties: the entries pruned
+  already first, then the lower index). A pruned group's cost is 0, so it stays pruned.
+
+The selection is one PyTorch pass over the prunable segment shared by every backend (the
+backends' own update then runs as on a step that prunes nothing, and the new mask is
+applied after it, as the fused update would): the masks are the same in every backend by
+construction.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Optional, Tuple
+
+import torch
+
+from .backends import reference
+
+
+def parse(pattern: str) -> Optional[Tuple[int, int]]:
+    """``"unstructured"`` -> None; ``"N:M"`` -> (N, M) with 1 <= N < M."""
+    if pattern == "unstructured":
+        return None
+    m = re.fullmatch(r"(\d+):(\d+)", pattern) if isinstance(pattern, str) else None
+    if m is None:
+        raise ValueError(f"sparsity_pattern must be 'unstructured' or 'N:M' (e.g. '2:4'), got {pattern!r}")
+    n, mm = int(m.group(1)), int(m.group(2))
+    if not 1 <= n < mm:
+        raise ValueError(f"sparsity_pattern {pattern!r}: need 1 <= N < M (N of every M weights are pruned)")
+    return n, mm
+
+
+def _grouped(x: torch.Tensor, shape: tuple, input_dim: int, m: int) -> torch.Tensor:
+    """A parameter's flat slice ``x`` as rows of M consecutive entries along ``input_dim``
+    (a copy when the input dimension is not the last one)."""
+    t = x.view(shape).movedim(input_dim, -1)
+    return t.reshape(-1, m)
+
+
+def _ungroup(g: torch.Tensor, shape: tuple, input_dim: int) -> torch.Tensor:
+    moved = list(shape)
+    moved.append(moved.pop(input_dim))
+    return g.reshape(moved).movedim(-1, input_dim).reshape(-1)
+
+
+def check_layout(flat, m: int) -> None:
+    """Every prunable weight needs an input size divisible by M (before any step)."""
+    for b, s in flat.prunable_slots():
+        dim = s.input_dim
+        if len(s.shape) < 2 or s.shape[dim] % m:
+            raise ValueError(
+                f"sparsity_pattern N:{m}: {s.name!r} has shape {s.shape}, whose input dimension ({dim}) is not "
+                f"divisible by {m}; leave it out of the prunable set (agip.param_groups(..., exclude=...)) or "
+                "use sparsity_pattern='unstructured'"
+            )
+
+
+def groups_total(flat, m: int) -> int:
+    return sum(s.numel // m for _, s in flat.prunable_slots())
+
+
+def select(flat, plan, n: int, m: int, k: int):
+    """The new masks (one bool tensor per bucket, over its prunable segment) and theta, the
+    cost of the k-th cheapest group (algorithm.md §2.5), from pre-update w, g, v."""
+    per_slot = []
+    for b in flat.buckets:
+        if not b.n_prunable:
+            continue
+        score = reference.saliency(b, plan)  # the fp32 score every backend computes
+        for bb, s in flat.prunable_slots():
+            if bb is not b:
+                continue
+            sl = slice(s.start, s.start + s.numel)
+            sg = _grouped(score[sl], s.shape, s.input_dim, m)
+            active = _grouped(b.mask[sl], s.shape, s.input_dim, m)
+            # order inside a group: pruned entries first, then by score, then by index
+            key = torch.where(active, sg, torch.full_like(sg, -1.0))
+            order = torch.sort(key, dim=1, stable=True).indices
+            smallest = torch.gather(sg, 1, order[:, :n])
+            cost = smallest[:, 0].clone()
+            for j in range(1, n):  # fp32 additions in increasing order: every platform alike
+                cost = cost + smallest[:, j]
+            per_slot.append((b, s, order, cost))
+    theta = -1.0
+    if k > 0:
+        theta = reference.kth_smallest(torch.cat([c for *_, c in per_slot]), k, flat.comm)
+    masks = {id(b): b.mask.clone() for b in flat.buckets if b.n_prunable}
+    for b, s, order, cost in per_slot:
+        keep = torch.ones(order.shape, dtype=torch.bool, device=order.device)
+        if k > 0:
+            pruned = cost <= theta
+            drop = torch.zeros_like(keep)
+            drop.scatter_(1, order[:, :n], True)
+            keep = ~(drop & pruned[:, None])
+        masks[id(b)][s.start : s.start + s.numel] = _ungroup(keep, s.shape, s.input_dim)
+    return masks, theta
+
+
+def apply(flat, masks: dict) -> None:
+    """M' after the update: ``w, m, v (and the saliency EMA) * M'`` (algorithm.md §1.6)."""
+    for b in flat.buckets:
+        if id(b) not in masks:
+            continue
+        new = masks[id(b)]
+        P = b.n_prunable
+        drop = ~new
+        b.w[:P].masked_fill_(drop, 0)
+        b.m[:P].masked_fill_(drop, 0)
+        b.v[:P].masked_fill_(drop, 0)
+        if b.ema is not None:
+            b.ema.masked_fill_(drop, 0)
+        b.mask.copy_(new)
+
+
+def groups_to_prune(ratio: float, n: int, m: int, total: int) -> int:
+    """k = floor(R_t / (N/M) * G): the share of groups the schedule asks for."""
+    return min(total, int(math.floor(ratio * m * total / n))) if ratio > 0 else 0

@@ -1,0 +1,116 @@
+"""N:M semi-structured sparsity (docs/algorithm.md §2.5): the pattern holds in every group,
+the schedule ramps the share of pruned groups, every backend finds the same masks, and bad
+settings fail before any step."""
+import pytest
+import torch
+
+import agip
+from agip import nm
+from backend_cases import MAX_ULPS, ulps
+from conftest import TinyLM, batch, train
+
+STEPS = 10
+
+
+def make(backend="reference", pattern="2:4", saliency="fisher", model=None, **kw):
+    model = model or TinyLM()
+    args = dict(lr=1e-2, target_sparsity=0.5, total_steps=STEPS, warmup_steps=1, schedule="cubic",
+                saliency=saliency, sparsity_pattern=pattern, backend=backend)
+    args.update(kw)
+    return model, agip.AGIP(agip.param_groups(model), **args)
+
+
+def groups_of(mask: torch.Tensor, input_dim: int, m: int) -> torch.Tensor:
+    return mask.movedim(input_dim, -1).reshape(-1, m)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "1:4", "4:8"])
+def test_every_group_has_n_of_m_pruned_at_the_target(pattern):
+    n, m = nm.parse(pattern)
+    model, opt = make(pattern=pattern, target_sparsity=n / m)
+    train(model, opt, STEPS)
+    rep = opt.sparsity_report()
+    assert rep["sparsity_prunable"] == n / m
+    for g in opt.param_groups:
+        for p, dim in zip(g["params"], g.get("input_dims", [])):
+            kept = groups_of(opt.state[p]["mask"], dim, m).sum(dim=1)
+            assert torch.all(kept == m - n)
+            assert torch.all(groups_of(p.detach(), dim, m).ne(0).sum(dim=1) == m - n)  # the weights too
+
+
+def test_the_schedule_ramps_the_share_of_pruned_groups():
+    model, opt = make(target_sparsity=0.5)
+    total = nm.groups_total(opt._flat, 4)
+    shares = []
+    for t in range(STEPS):
+        train(model, opt, 1, start=t)
+        rep = opt.sparsity_report()
+        k = nm.groups_to_prune(rep["scheduled_sparsity"], 2, 4, total)
+        assert rep["n_pruned"] == 2 * k  # exactly k groups, no ties on these random weights
+        for g in opt.param_groups:  # a group is whole or 2:4, never in between
+            for p, dim in zip(g["params"], g.get("input_dims", [])):
+                kept = groups_of(opt.state[p]["mask"], dim, 4).sum(dim=1)
+                assert torch.all((kept == 2) | (kept == 4))
+        shares.append(k / total)
+    assert shares == sorted(shares) and 0 < shares[1] < 1 and shares[-1] == 1.0
+    # a pruned group stays pruned: the masks only lose entries
+    assert opt.sparsity_report()["theta"] is not None
+
+
+def test_conv1d_groups_run_along_its_first_dimension():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=37,
+                                                                 n_positions=16))
+    opt = agip.AGIP(agip.param_groups(model), lr=1e-2, target_sparsity=0.5, total_steps=3, warmup_steps=0,
+                    sparsity_pattern="2:4", backend="reference")
+    for t in range(3):
+        x = batch(t)
+        model(x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    g = opt.param_groups[0]
+    assert g["input_dims"] == [0] * len(g["params"])  # Conv1D stores (in, out)
+    for p in g["params"]:
+        assert torch.all(groups_of(opt.state[p]["mask"], 0, 4).sum(dim=1) == 2)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_backends_find_the_same_masks(backend, monkeypatch):
+    module = pytest.importorskip(f"agip.backends.{backend}", reason=f"the {backend} backend is not available")
+    if backend == "triton":
+        monkeypatch.setattr(module, "block", 64)
+    ref_model, ref_opt = make(saliency_ema=0.5, ta_gamma=2.0)
+    model, opt = make(backend, saliency_ema=0.5, ta_gamma=2.0)
+    for t in range(STEPS):
+        with torch.no_grad():  # start each step from the reference's state (ulp drift cannot add up)
+            for a, b in zip(ref_model.parameters(), model.parameters()):
+                b.copy_(a)
+        for pa, pb in zip(ref_model.parameters(), model.parameters()):
+            for key, val in ref_opt.state[pa].items():
+                opt.state[pb][key].copy_(val)
+        before = [p.detach().clone() for p in ref_model.parameters()]
+        for mdl, o in ((ref_model, ref_opt), (model, opt)):
+            loss = mdl(batch(t))
+            loss.backward()
+            o.step(loss=loss)
+            o.zero_grad()
+        r_ref, r = ref_opt.sparsity_report(), opt.sparsity_report()
+        assert r["theta"] == r_ref["theta"] and r["layer_density"] == r_ref["layer_density"], t
+        for a, b, old in zip(ref_model.parameters(), model.parameters(), before):
+            assert torch.equal(a == 0, b == 0), t
+            assert ulps(a.detach() - old, b.detach() - old, old) <= MAX_ULPS, t
+    assert ref_opt.sparsity_report()["sparsity_prunable"] == 0.5
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(pattern="4:4"), "need 1 <= N < M"),
+    (dict(pattern="2-4"), "must be 'unstructured' or 'N:M'"),
+    (dict(pattern="2:4", target_sparsity=0.6), "prunes at most 2/4"),
+    (dict(pattern="2:4", regrow_fraction=0.1), "regrowth"),
+    (dict(pattern="2:32", target_sparsity=0.05), "not divisible by 32"),  # TinyLM's inputs are 16 and 32 wide
+])
+def test_bad_settings_fail_before_any_step(kw, match):
+    pattern = kw.pop("pattern")
+    with pytest.raises(ValueError, match=match):
+        make(pattern=pattern, **kw)
