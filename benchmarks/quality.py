@@ -8,7 +8,7 @@ budget (the same steps, tokens, LR schedule and seed for every method), in phase
    splits: in domain and out of domain);
 3. ``grid``: dense; GMP; one-shot magnitude + FT; Wanda + FT; AGIP with the thesis preset;
    AGIP with the chosen default; at each target, three seeds for dense, Wanda + FT and
-   the default at the largest target.
+   the default at the largest target; the default in the 2:4 pattern at 50%.
 
 Every run also measures the test splits of wiki-mini and of the out-of-domain ``pydoc``
 corpus (never trained on). Results go to ``study-<steps>.json`` after every run, and a run
@@ -144,6 +144,10 @@ class Study:
         runs += [(*m, t, 0) for t in sorted(targets, reverse=True) for m in (default, wanda, thesis)]
         # the seeds of the must-show comparison (default vs Wanda + FT vs dense) before the other baselines
         runs += [(*m, 0.0 if m is dense else top, s) for s in (1, 2) for m in (dense, wanda, default)]
+        # the 2:4 pattern (GPU sparse tensor cores) at 50%: what the structure costs against unstructured
+        if 0.5 in targets:
+            runs.append((f"AGIP default, 2:4 pattern ({default_label})", "agip",
+                         {**default_overrides, "sparsity_pattern": "2:4"}, 0.5, 0))
         runs += [(*m, t, 0) for m in (("GMP (cubic, magnitude)", "gmp", {}), ("one-shot magnitude + FT", "magnitude", {}))
                  for t in targets]
         for label, method, ov, target, seed in runs:
@@ -276,6 +280,7 @@ def md(text: str) -> str:
 def is_default(r, data) -> bool:
     chosen = data["choices"].get("default")
     return (chosen is not None and r["method"] == "agip" and "preset" not in r
+            and r.get("sparsity_pattern", "unstructured") == "unstructured"
             and all(r.get(k) == v for k, v in chosen["overrides"].items()))
 
 
