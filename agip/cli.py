@@ -84,6 +84,9 @@ def _add_eval(sub):
     p.add_argument("--seq-len", type=int, default=None, help="L (default min(1024, context))")
     p.add_argument("--stride", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=16384, help="0 = the whole split")
+    p.add_argument("--semi-structured", action="store_true",
+                   help="also run the 2:4 linears on sparse tensor cores (CUDA, compute capability >= 8.0) and "
+                        "report tokens/s against dense")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -115,7 +118,38 @@ def run_eval(args) -> dict:
     print(f"perplexity on {args.dataset}/{args.split}: {res['ppl']:.3f} ({res['scored_tokens']:,} scored tokens of "
           f"{res['tokens']:,}, L={res['seq_len']}, stride={res['stride']}); zero weights: {zeros:,} of {total:,} "
           f"parameters ({100 * zeros / total:.2f}%)")
+    if args.semi_structured:
+        res["semi_structured"] = _semi_structured(model, ids, L, args)
     return res
+
+
+def _semi_structured(model, ids, L, args):
+    """Dense fp16 against 2:4 sparse tensor cores, the same windows: perplexity and tokens/s."""
+    import time
+
+    import torch
+
+    from . import nm
+    from .evaluate import perplexity
+
+    why = nm.semi_structured_unsupported()
+    if why:
+        print(f"--semi-structured: not run: {why}")
+        return None
+    model.half()
+    out = {}
+    for kind in ("dense", "2:4"):
+        if kind == "2:4":
+            out["converted"] = nm.to_semi_structured(model)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        r = perplexity(model, ids, L, args.stride, progress=args.progress, desc=kind)
+        torch.cuda.synchronize()
+        out[kind] = {"ppl": r["ppl"], "tokens_per_s": r["scored_tokens"] / (time.perf_counter() - t0)}
+    print(f"fp16, {out['converted']} linears as 2:4 sparse: perplexity {out['dense']['ppl']:.3f} dense / "
+          f"{out['2:4']['ppl']:.3f} sparse; {out['dense']['tokens_per_s']:.0f} / {out['2:4']['tokens_per_s']:.0f} "
+          f"tokens/s ({out['2:4']['tokens_per_s'] / out['dense']['tokens_per_s']:.2f}x)")
+    return out
 
 
 def main(argv=None) -> int:

@@ -125,3 +125,41 @@ def apply(flat, masks: dict) -> None:
 def groups_to_prune(ratio: float, n: int, m: int, total: int) -> int:
     """k = floor(R_t / (N/M) * G): the share of groups the schedule asks for."""
     return min(total, int(math.floor(ratio * m * total / n))) if ratio > 0 else 0
+
+
+# --- running a 2:4 model on sparse tensor cores -------------------------------------------
+def semi_structured_unsupported() -> Optional[str]:
+    """None where torch runs 2:4 sparse matrix products (CUDA, compute capability >= 8.0),
+    else why not, in one line."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU here: 2:4 sparse tensor cores need an NVIDIA GPU of compute capability >= 8.0 (Ampere+)"
+    cc = torch.cuda.get_device_capability()
+    if cc < (8, 0):
+        return (f"{torch.cuda.get_device_name()} has compute capability {cc[0]}.{cc[1]}: 2:4 sparse tensor cores need "
+                ">= 8.0 (Ampere or newer; a T4 is 7.5)")
+    return None
+
+
+def is_24(weight: torch.Tensor) -> bool:
+    """Whether an nn.Linear weight (out, in) has at most 2 non-zeros in every 4 along its input."""
+    return weight.ndim == 2 and weight.shape[1] % 4 == 0 and bool(
+        (weight.detach().reshape(-1, 4) != 0).sum(dim=1).le(2).all())
+
+
+def to_semi_structured(model) -> int:
+    """Swap the weight of every 2:4 ``nn.Linear`` for torch's semi-structured sparse layout
+    (``torch.sparse.to_sparse_semi_structured``; fp16/bf16 on CUDA). Returns how many; a
+    layer whose shape the sparse kernels refuse stays dense."""
+    from torch import nn
+    from torch.sparse import to_sparse_semi_structured
+
+    done = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and is_24(module.weight):
+            try:
+                sparse = to_sparse_semi_structured(module.weight.detach())
+            except (RuntimeError, ValueError):  # e.g. a size the CUTLASS/cuSPARSELt kernels do not take
+                continue
+            module.weight = nn.Parameter(sparse, requires_grad=False)
+            done += 1
+    return done

@@ -114,3 +114,21 @@ def test_bad_settings_fail_before_any_step(kw, match):
     pattern = kw.pop("pattern")
     with pytest.raises(ValueError, match=match):
         make(pattern=pattern, **kw)
+
+
+def test_eval_semi_structured_says_why_not_in_one_line(gpt2_dir, corpus_dir, capsys):
+    from agip.cli import main
+
+    assert main(["eval", gpt2_dir, "--dataset", corpus_dir, "--seq-len", "64", "--max-tokens", "256",
+                 "--semi-structured", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    if not torch.cuda.is_available():
+        lines = [ln for ln in out.splitlines() if ln.startswith("--semi-structured")]
+        assert len(lines) == 1 and "compute capability >= 8.0" in lines[0]
+
+
+def test_is_24_recognises_the_pattern():
+    w = torch.tensor([[1.0, 0, 0, 2, 0, 3, 4, 0]])
+    assert nm.is_24(w)
+    assert not nm.is_24(torch.ones(1, 8))
+    assert not nm.is_24(torch.ones(1, 6))
