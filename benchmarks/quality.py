@@ -150,6 +150,12 @@ class Study:
                          {**default_overrides, "sparsity_pattern": "2:4"}, 0.5, 0))
         runs += [(*m, t, 0) for m in (("GMP (cubic, magnitude)", "gmp", {}), ("one-shot magnitude + FT", "magnitude", {}))
                  for t in targets]
+        # a smoothed Taylor score, PLATON's first factor (EMA 0.85 of |w·g|), as the default's ramp:
+        # is smoothing the thesis' score enough? (PLATON's uncertainty factor is not implemented)
+        if 0.5 in targets:
+            runs.append(("AGIP smoothed Taylor (EMA 0.85 of |w·g|, cubic, no TA)", "agip",
+                         dict(saliency="taylor", saliency_ema=0.85, schedule="cubic", prune_interval=1, ta_gamma=0.0,
+                              stability=False), 0.5, 0))
         for label, method, ov, target, seed in runs:
             self.run(label, method, ov, target, seed, lr, "grid")
 
