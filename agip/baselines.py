@@ -88,3 +88,33 @@ def wanda_masks(model, opt, ratio: float, calibration) -> dict:
             keep.scatter_(1, idx, False)
         masks[name] = keep.t().contiguous() if transposed[p] else keep
     return masks
+
+
+def sparsegpt_masks(model, opt, ratio: float, calibration) -> dict:
+    """SparseGPT through the library users reach for: llmcompressor's ``SparseGPTModifier``
+    with ``oneshot`` (the ``baselines`` extra). Each prunable layer is pruned to ``ratio``
+    (unstructured) by SparseGPT's approximate OBS solver, which also updates the weights it
+    keeps, from the inputs of the ``calibration`` blocks (a list of token tensors); everything else (embeddings, the
+    tied ``lm_head``) is left out by naming only the prunable layers as targets. Returns
+    the masks (True = non-zero) of the weights as SparseGPT left them."""
+    try:
+        from datasets import Dataset
+        from llmcompressor import oneshot
+        from llmcompressor.modifiers.pruning import SparseGPTModifier
+    except ImportError as e:
+        raise ImportError(f"--method sparsegpt needs llmcompressor ({e}): python -m pip install -e '.[baselines]' "
+                          "(it pins its own transformers version: a separate virtual environment is wise)") from e
+    prunable = list(_prunable(opt))
+    blocks = torch.cat([x.cpu() for x in calibration])
+    # ready token blocks (llmcompressor still loads the model folder's tokenizer, unused)
+    data = Dataset.from_dict({"input_ids": blocks.tolist(), "attention_mask": torch.ones_like(blocks).tolist()})
+    targets = [n[: -len(".weight")] for n, _ in prunable]
+    oneshot(model=model, dataset=data, recipe=SparseGPTModifier(sparsity=ratio, mask_structure="0:0", targets=targets),
+            num_calibration_samples=len(blocks), max_seq_length=blocks.shape[1], shuffle_calibration_samples=False,
+            pipeline="sequential")
+    masks = {n: p.detach() != 0 for n, p in prunable}
+    for n, m in masks.items():
+        if float((~m).float().mean()) < ratio / 2:
+            raise RuntimeError(f"llmcompressor's SparseGPT left {n} unpruned (it prunes nn.Linear layers; GPT-2's "
+                               "Conv1D is not one): use --method wanda for this model")
+    return masks

@@ -174,7 +174,7 @@ def main(argv=None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0 speaks
             print(summary(report))
         return 0
-    except (ValueError, RuntimeError, FileNotFoundError, TypeError) as e:
+    except (ValueError, RuntimeError, FileNotFoundError, TypeError, ImportError) as e:
         print(f"agip: error: {e}", file=sys.stderr)
         return 2
 

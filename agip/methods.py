@@ -93,6 +93,16 @@ class Wanda(Masked):
         return True
 
 
+class SparseGPT(Masked):
+    name = "sparsegpt"
+    help = ("one-shot SparseGPT (llmcompressor's SparseGPTModifier, per layer, with its weight updates), then "
+            "fine-tuning with the mask fixed; needs the 'baselines' extra")
+
+    def before_training(self, model, opt, calibration) -> bool:
+        opt.apply_masks(baselines.sparsegpt_masks(model, opt, self.cfg.target_sparsity, calibration()))
+        return True
+
+
 class GMP(Masked):
     name = "gmp"
     help = "gradual magnitude pruning: cubic schedule, global magnitude threshold, re-applied gmp_events times"
@@ -111,7 +121,8 @@ class GMP(Masked):
         return baselines.gmp_ratio(step, self.cfg.steps, self.cfg.target_sparsity)
 
 
-METHODS = {"agip": Method, "adamw": Dense, "gmp": GMP, "magnitude": Magnitude, "wanda": Wanda}
+METHODS = {"agip": Method, "adamw": Dense, "gmp": GMP, "magnitude": Magnitude, "wanda": Wanda,
+           "sparsegpt": SparseGPT}
 
 
 def make(cfg) -> Method:

@@ -22,6 +22,7 @@ to continue. ``--report-only`` rebuilds the table and plot.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -144,6 +145,13 @@ class Study:
         runs += [(*m, t, 0) for t in sorted(targets, reverse=True) for m in (default, wanda, thesis)]
         # the seeds of the must-show comparison (default vs Wanda + FT vs dense) before the other baselines
         runs += [(*m, 0.0 if m is dense else top, s) for s in (1, 2) for m in (dense, wanda, default)]
+        # SparseGPT + FT where llmcompressor is installed (the 'baselines' extra, a virtual
+        # environment of its own: it pins transformers); the study can be continued there
+        if importlib.util.find_spec("llmcompressor") is not None:
+            runs += [("SparseGPT + FT (llmcompressor)", "sparsegpt", {}, t, 0) for t in sorted(targets, reverse=True)]
+        else:
+            print("SparseGPT + FT: skipped (llmcompressor is not installed: pip install -e '.[baselines]' in a "
+                  "virtual environment of its own, then run this script there)", flush=True)
         # the 2:4 pattern (GPU sparse tensor cores) at 50%: what the structure costs against unstructured
         if 0.5 in targets:
             runs.append((f"AGIP default, 2:4 pattern ({default_label})", "agip",

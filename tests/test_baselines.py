@@ -129,3 +129,42 @@ def test_gmp_reprunes_exactly_gmp_events_times_the_last_at_the_end(monkeypatch, 
         gmp.after_step(step, opt)
     assert len(calls) == min(events, steps) and calls[-1] == 0.5
     assert calls == sorted(calls)
+
+
+def test_sparsegpt_without_llmcompressor_says_what_to_install(gpt2_dir, corpus_dir, tmp_path, capsys):
+    import importlib.util
+
+    from agip.cli import main
+
+    if importlib.util.find_spec("llmcompressor") is not None:
+        pytest.skip("llmcompressor is installed here")
+    assert main(["finetune", "--method", "sparsegpt", "--model", gpt2_dir, "--dataset", corpus_dir, "--steps", "1",
+                 "--block-size", "32", "--eval-seq-len", "64", "--eval-max-tokens", "128", "--out", str(tmp_path),
+                 "--no-progress"]) == 2
+    assert "pip install -e '.[baselines]'" in capsys.readouterr().err
+
+
+def test_sparsegpt_masks_prune_each_layer_to_the_ratio(gpt2_dir, tmp_path):
+    pytest.importorskip("llmcompressor")
+    import transformers
+
+    import agip
+    from agip import baselines
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    # a model folder with a tokenizer beside it, as the harness loads (llmcompressor loads the tokenizer)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(tmp_path))
+    transformers.AutoTokenizer.from_pretrained(gpt2_dir).save_pretrained(str(tmp_path))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    opt = agip.AGIP(agip.param_groups(model), total_steps=4, target_sparsity=0.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    calib = [torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    masks = baselines.sparsegpt_masks(model, opt, 0.5, calib)
+    named = dict(model.named_parameters())
+    assert len(masks) == 2 * 7  # q, k, v, o, gate, up, down per block
+    for name, m in masks.items():
+        assert abs(float((~m).float().mean()) - 0.5) < 0.01, name
+        assert not torch.equal(named[name].detach()[m], before[name][m])  # SparseGPT updates what it keeps
+    assert torch.equal(named["model.embed_tokens.weight"], before["model.embed_tokens.weight"])  # tied head untouched
