@@ -165,6 +165,8 @@ class Study:
                          dict(saliency="taylor", saliency_ema=0.85, schedule="cubic", prune_interval=1, ta_gamma=0.0,
                               stability=False), 0.5, 0))
         for label, method, ov, target, seed in runs:
+            if self.args.only and not label.startswith(self.args.only):
+                continue
             self.run(label, method, ov, target, seed, lr, "grid")
 
 
@@ -185,12 +187,20 @@ def main(argv=None):
     ap.add_argument("--keep-checkpoints", action="store_true")
     ap.add_argument("--quick", action="store_true", help="2 steps, short evaluations: checks the pipeline only")
     ap.add_argument("--report-only", action="store_true", help="rebuild the table and plot from the JSON")
+    ap.add_argument("--only", default=None, help="run only the grid rows whose label starts with this")
+    ap.add_argument("--default-from", default=None,
+                    help="a study JSON whose chosen default (and lr) to use, e.g. study-100.json for a 24-step grid")
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.eval_max_tokens = 2, min(args.eval_max_tokens, 512)
     args.ood = args.ood or None
     os.makedirs(args.out, exist_ok=True)
     study = Study(args)
+    if args.default_from:  # take another budget's choices instead of running lr and select here
+        with open(args.default_from) as f:
+            chosen = json.load(f)["choices"]
+        study.data["choices"].setdefault("lr", args.lr or chosen["lr"])
+        study.data["choices"].setdefault("default", chosen["default"])
     if not args.report_only:
         lr = study.data["choices"].get("lr") or (study.choose_lr() if "lr" in args.phase else None)
         if lr is None:
