@@ -140,7 +140,12 @@ def run(mode: str, backend: str, saliency: str, flags, folder: str) -> dict:
     if "full" in flags:
         distributed.save_full(os.path.join(folder, f"full-{mode}"), model, None, opt, state={"steps": STEPS})
     weights, masks = full_state(model, opt)
-    return {"weights": weights, "masks": masks, "thetas": thetas, "report": opt.sparsity_report()}
+    import torch.distributed as dist
+
+    every_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, thetas)  # each rank's own decisions
+    return {"weights": weights, "masks": masks, "thetas": thetas, "thetas_every_rank": every_rank,
+            "report": opt.sparsity_report()}
 
 
 def main(out: str, *runs: str) -> None:

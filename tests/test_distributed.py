@@ -38,6 +38,7 @@ def test_two_ranks_equal_one_process(distributed, spec):
     got = distributed[1][spec]
     weights, masks, thetas = dist_worker.reference(backend, saliency)
     assert got["thetas"] == thetas  # every step's exact global threshold
+    assert all(t == thetas for t in got["thetas_every_rank"])  # on every rank
     assert any(t > 0 for t in thetas)  # pruning happened
     assert masks.keys() == got["masks"].keys()
     for name in masks:
