@@ -76,7 +76,9 @@ def select(flat, plan, n: int, m: int, k: int):
     for b in flat.buckets:
         if not b.n_prunable:
             continue
-        score = reference.saliency(b, plan)  # the fp32 score every backend computes
+        # the unstructured score; torch's own sqrt, not the correctly rounded one the fused
+        # kernels need: every backend shares this pass (and it is 100x faster on the CPU)
+        score = reference.saliency(b, plan, sqrt=torch.sqrt)
         for bb, s in flat.prunable_slots():
             if bb is not b:
                 continue
