@@ -165,7 +165,8 @@ class Study:
                          dict(saliency="taylor", saliency_ema=0.85, schedule="cubic", prune_interval=1, ta_gamma=0.0,
                               stability=False), 0.5, 0))
         for label, method, ov, target, seed in runs:
-            if self.args.only and not label.startswith(self.args.only):
+            if (self.args.only and not label.startswith(self.args.only)) or \
+                    (self.args.seeds is not None and seed not in self.args.seeds):
                 continue
             self.run(label, method, ov, target, seed, lr, "grid")
 
@@ -188,6 +189,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="2 steps, short evaluations: checks the pipeline only")
     ap.add_argument("--report-only", action="store_true", help="rebuild the table and plot from the JSON")
     ap.add_argument("--only", default=None, help="run only the grid rows whose label starts with this")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="run only the grid rows of these seeds")
     ap.add_argument("--default-from", default=None,
                     help="a study JSON whose chosen default (and lr) to use, e.g. study-100.json for a 24-step grid")
     args = ap.parse_args(argv)
