@@ -72,27 +72,24 @@ def groups_total(flat, m: int) -> int:
 def select(flat, plan, n: int, m: int, k: int):
     """The new masks (one bool tensor per bucket, over its prunable segment) and theta, the
     cost of the k-th cheapest group (algorithm.md §2.5), from pre-update w, g, v."""
-    per_slot = []
-    for b in flat.buckets:
-        if not b.n_prunable:
-            continue
-        # the unstructured score; torch's own sqrt, not the correctly rounded one the fused
-        # kernels need: every backend shares this pass (and it is 100x faster on the CPU)
-        score = reference.saliency(b, plan, sqrt=torch.sqrt)
-        for bb, s in flat.prunable_slots():
-            if bb is not b:
-                continue
-            sl = slice(s.start, s.start + s.numel)
-            sg = _grouped(score[sl], s.shape, s.input_dim, m)
-            active = _grouped(b.mask[sl], s.shape, s.input_dim, m)
-            # order inside a group: pruned entries first, then by score, then by index
-            key = torch.where(active, sg, torch.full_like(sg, -1.0))
-            order = torch.sort(key, dim=1, stable=True).indices
-            smallest = torch.gather(sg, 1, order[:, :n])
-            cost = smallest[:, 0].clone()
-            for j in range(1, n):  # fp32 additions in increasing order: every platform alike
-                cost = cost + smallest[:, j]
-            per_slot.append((b, s, order, cost))
+    per_slot, scores = [], {}
+    for b, s in flat.prunable_slots():
+        if id(b) not in scores:
+            # the unstructured score; torch's own sqrt, not the correctly rounded one the fused
+            # kernels need: every backend shares this pass (and it is 100x faster on the CPU)
+            scores[id(b)] = reference.saliency(b, plan, sqrt=torch.sqrt)
+        score = scores[id(b)]
+        sl = slice(s.start, s.start + s.numel)
+        sg = _grouped(score[sl], s.shape, s.input_dim, m)
+        active = _grouped(b.mask[sl], s.shape, s.input_dim, m)
+        # order inside a group: pruned entries first, then by score, then by index
+        key = torch.where(active, sg, torch.full_like(sg, -1.0))
+        order = torch.sort(key, dim=1, stable=True).indices
+        smallest = torch.gather(sg, 1, order[:, :n])
+        cost = smallest[:, 0].clone()
+        for j in range(1, n):  # fp32 additions in increasing order: every platform alike
+            cost = cost + smallest[:, j]
+        per_slot.append((b, s, order, cost))
     theta = -1.0
     if k > 0:
         theta = reference.kth_smallest(torch.cat([c for *_, c in per_slot]), k, flat.comm)

@@ -169,3 +169,15 @@ def compare_over_steps(backend, k_fracs, device="cpu", regrow=0.0, rho=0.0, layo
             assert torch.equal(rb.mask, ob.mask.cpu()), step
         thetas.append(sel.theta)
     return thetas, other.scratch[backend._driver.name].get("window_misses", 0)
+
+
+def sync_optimizers(src_model, src_opt, dst_model, dst_opt):
+    """Copy the weights and the optimizer state (m, v, masks, EMA) of one model/optimizer
+    into another, so each step of a cross-backend test starts from the reference's state
+    (ulp drift cannot add up)."""
+    with torch.no_grad():
+        for a, b in zip(src_model.parameters(), dst_model.parameters()):
+            b.copy_(a)
+    for pa, pb in zip(src_model.parameters(), dst_model.parameters()):
+        for key, val in src_opt.state[pa].items():
+            dst_opt.state[pb][key].copy_(val)

@@ -74,18 +74,10 @@ def reference(backend: str, saliency: str):
 
 
 def full_state(model, opt):
-    """Full (unsharded) weights and masks by parameter name."""
-    from agip.distributed import wrap_like
+    """Full (unsharded) weights and masks by name: what agip's checkpoints gather."""
+    from agip import checkpoint
 
-    weights, masks = {}, {}
-    for g in opt.param_groups:
-        for name, p in zip(g["param_names"], g["params"]):
-            full = p.full_tensor() if hasattr(p, "full_tensor") else p
-            weights[name] = full.detach().clone()
-            if "mask" in opt.state[p]:
-                m = wrap_like(p, opt.state[p]["mask"])
-                masks[name] = (m.full_tensor() if hasattr(m, "full_tensor") else m).clone()
-    return weights, masks
+    return checkpoint.full_state(model), checkpoint.optimizer_masks(opt)
 
 
 def build(mode: str, backend: str, saliency: str, bucket_view: bool):

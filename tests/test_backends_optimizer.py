@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import agip
-from backend_cases import MAX_ULPS, ulps
+from backend_cases import MAX_ULPS, sync_optimizers, ulps
 from conftest import TinyLM, batch
 
 STEPS = 15
@@ -30,15 +30,6 @@ def make(backend, saliency, fisher_power):
     return model, opt
 
 
-def sync(src_model, src_opt, dst_model, dst_opt):
-    with torch.no_grad():
-        for a, b in zip(src_model.parameters(), dst_model.parameters()):
-            b.copy_(a)
-    for pa, pb in zip(src_model.parameters(), dst_model.parameters()):
-        for key, val in src_opt.state[pa].items():
-            dst_opt.state[pb][key].copy_(val)
-
-
 @pytest.mark.parametrize("saliency,fisher_power", [("taylor", 0.5), ("fisher", 0.5), ("fisher", 0.25)])
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_optimizer_step_matches_reference(backend, saliency, fisher_power, monkeypatch):
@@ -49,7 +40,7 @@ def test_optimizer_step_matches_reference(backend, saliency, fisher_power, monke
     model, opt = make(backend, saliency, fisher_power)
     pruned_steps = 0
     for t in range(STEPS):
-        sync(ref_model, ref_opt, model, opt)
+        sync_optimizers(ref_model, ref_opt, model, opt)
         before = [p.detach().clone() for p in ref_model.parameters()]
         for m, o in ((ref_model, ref_opt), (model, opt)):
             loss = m(batch(t))

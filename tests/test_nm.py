@@ -6,7 +6,7 @@ import torch
 
 import agip
 from agip import nm
-from backend_cases import MAX_ULPS, ulps
+from backend_cases import MAX_ULPS, sync_optimizers, ulps
 from conftest import TinyLM, batch, train
 
 STEPS = 10
@@ -84,12 +84,7 @@ def test_backends_find_the_same_masks(backend, monkeypatch):
     ref_model, ref_opt = make(saliency_ema=0.5)
     model, opt = make(backend, saliency_ema=0.5)
     for t in range(STEPS):
-        with torch.no_grad():  # start each step from the reference's state (ulp drift cannot add up)
-            for a, b in zip(ref_model.parameters(), model.parameters()):
-                b.copy_(a)
-        for pa, pb in zip(ref_model.parameters(), model.parameters()):
-            for key, val in ref_opt.state[pa].items():
-                opt.state[pb][key].copy_(val)
+        sync_optimizers(ref_model, ref_opt, model, opt)
         before = [p.detach().clone() for p in ref_model.parameters()]
         for mdl, o in ((ref_model, ref_opt), (model, opt)):
             loss = mdl(batch(t))
