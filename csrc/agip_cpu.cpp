@@ -11,12 +11,16 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <mutex>
 #include <type_traits>
 #include <vector>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -25,6 +29,9 @@ constexpr int64_t HIST_BINS = 1 << 16;
 constexpr int64_t TILE = 1024;  // bins are computed for a tile (vectorized), then counted
 constexpr int SUBHISTS = 4;     // interleaved copies break store-to-load chains on hot bins
 constexpr uint32_t SKIP = HIST_BINS;  // bin index of entries that are not counted
+// the key of entries that are not counted: a negative NaN's bits, which no score has
+// (scores are |.| or sums of them, never negative)
+constexpr uint32_t SKIP_KEY = 0xFFFFFFFFu;
 constexpr int LANES = 16;
 
 inline uint32_t float_bits(float x) {
@@ -84,30 +91,57 @@ void with_score(int64_t fisher_q, bool has_ema, F&& f) {
   }
 }
 
-// The first-digit bins of one tile of the prunable segment: saliency of active entries
-// (SALIENCY) or |g| of pruned ones. Bins outside [lo, hi] are only counted (below /
-// above, no scatter) and get SKIP, as do entries not counted. Branch-free: vectorizes.
+// The score keys (fp32 bits) of one tile of the prunable segment: saliency of active
+// entries (SALIENCY) or |g| of pruned ones. Keys whose first digit (top 16 bits) lies
+// outside [lo, hi] are only counted (below / above, no scatter) and get SKIP_KEY, as do
+// entries not counted. Branch-free: vectorizes. Returns the number of keys kept.
 template <bool SALIENCY, int SCORE, bool HAS_EMA, typename T>
-void tile_bins(const T* __restrict__ w, const T* __restrict__ g, const T* __restrict__ v,
-               const uint8_t* __restrict__ mk, const float* __restrict__ ema, int64_t t0, int64_t len,
-               const ScoreArgs a, uint32_t lo, uint32_t hi, uint32_t* __restrict__ bins, int64_t& below,
-               int64_t& above) {
-  int64_t nb = 0, na = 0;
+int64_t tile_keys(const T* __restrict__ w, const T* __restrict__ g, const T* __restrict__ v,
+                  const uint8_t* __restrict__ mk, const float* __restrict__ ema, int64_t t0, int64_t len,
+                  const ScoreArgs a, uint32_t lo, uint32_t hi, uint32_t* __restrict__ keys, int64_t& below,
+                  int64_t& above) {
+  int64_t nb = 0, na = 0, kept = 0;
   for (int64_t j = 0; j < len; ++j) {
     const int64_t i = t0 + j;
     const float s =
         SALIENCY ? saliency<SCORE, HAS_EMA>(w, g, v, mk, ema, i, a) : std::fabs(static_cast<float>(g[i]));
+    // bitwise, not short-circuit, logic: branches here would stop the loop vectorizing
     const bool counted = SALIENCY ? mk[i] != 0 : mk[i] == 0;
-    const uint32_t b = float_bits(s) >> 16;
-    nb += counted && b < lo;
-    na += counted && b > hi;
-    bins[j] = (counted && b >= lo && b <= hi) ? b : SKIP;
+    const uint32_t k = float_bits(s), b = k >> 16;
+    const bool in = counted & (b >= lo) & (b <= hi);
+    nb += counted & (b < lo);
+    na += counted & (b > hi);
+    kept += in;
+    keys[j] = in ? k : SKIP_KEY;
   }
   below += nb;
   above += na;
+  return kept;
 }
 
-// Pass B's tile: low-digit bins of the counted values whose top 16 bits equal prefix.
+// Moves the keys other than SKIP_KEY to the front of out (which has room for len + 16),
+// keeping their order; returns how many. With AVX-512, 16 lanes per compress.
+// In place (out == keys) is allowed: the write index never passes the read index.
+inline int64_t compact_keys(const uint32_t* keys, int64_t len, uint32_t* out) {
+  int64_t n = 0, j = 0;
+#ifdef __AVX512F__
+  const __m512i skip = _mm512_set1_epi32(-1);
+  for (; j + 16 <= len; j += 16) {
+    const __m512i k = _mm512_loadu_si512(keys + j);
+    const __mmask16 keep = _mm512_cmpneq_epi32_mask(k, skip);
+    _mm512_storeu_si512(out + n, _mm512_maskz_compress_epi32(keep, k));
+    n += __builtin_popcount(keep);
+  }
+#endif
+  for (; j < len; ++j) {
+    out[n] = keys[j];
+    n += keys[j] != SKIP_KEY;
+  }
+  return n;
+}
+
+// Pass B's tile: low-digit bins of the counted values whose top 16 bits equal prefix
+// (SKIP_KEY for the others).
 template <bool SALIENCY, int SCORE, bool HAS_EMA, typename T>
 int64_t tile_low_bins(const T* __restrict__ w, const T* __restrict__ g, const T* __restrict__ v,
                       const uint8_t* __restrict__ mk, const float* __restrict__ ema, int64_t t0, int64_t len,
@@ -118,8 +152,8 @@ int64_t tile_low_bins(const T* __restrict__ w, const T* __restrict__ g, const T*
     const float s =
         SALIENCY ? saliency<SCORE, HAS_EMA>(w, g, v, mk, ema, i, a) : std::fabs(static_cast<float>(g[i]));
     const uint32_t b = float_bits(s);
-    const bool hit = (SALIENCY ? mk[i] != 0 : mk[i] == 0) && (b >> 16) == want;
-    bins[j] = hit ? (b & 0xFFFF) : SKIP;
+    const bool hit = (SALIENCY ? mk[i] != 0 : mk[i] == 0) & ((b >> 16) == want);
+    bins[j] = hit ? (b & 0xFFFF) : SKIP_KEY;
     hits += hit;
   }
   return hits;
@@ -160,6 +194,13 @@ struct LocalHist {
       for (int k = 0; k < SUBHISTS; ++k) ++c[k * (HIST_BINS + 1) + bins[j + k]];
     for (; j < n; ++j) ++c[bins[j]];
   }
+  // counts the first digits of n keys, none of them SKIP_KEY (compact_keys' output)
+  void count_keys(const uint32_t* keys, int64_t n) {
+    int64_t j = 0;
+    for (; j + SUBHISTS <= n; j += SUBHISTS)
+      for (int k = 0; k < SUBHISTS; ++k) ++c[k * (HIST_BINS + 1) + (keys[j + k] >> 16)];
+    for (; j < n; ++j) ++c[keys[j] >> 16];
+  }
 };
 
 void merge(std::mutex& mu, const LocalHist& local, int32_t* global) {
@@ -188,15 +229,48 @@ ScoreArgs score_args(double clip, double beta2, double omb2, double ema_keep, do
                    static_cast<float>(beta2), static_cast<float>(omb2)};
 }
 
-// Pass A. Returns per-chunk partial sums of (g*M)^2 (fp64). With with_saliency, adds the
-// top-16-bit histogram of the score of active prunable entries to sal_hist and, with
-// regrowth, that of |g| of pruned entries to grow_hist. Score bins outside the window
-// [sal_lo, sal_hi] are lumped into bins sal_lo - 1 and sal_hi + 1. The Fisher score
-// needs the clip factor, so the driver calls this a second time for it, once G^2 is known.
+// Candidate keys collected by pass A: the in-window keys whose first digit lies in the band
+// [lo, hi], written at an atomic offset per tile, in any order (only their histograms are
+// used); past the capacity, collection stops and is marked overflowed, and the driver
+// refines with pass B instead.
+struct Candidates {
+  uint32_t* keys = nullptr;
+  int64_t capacity = 0;
+  uint32_t lo = 0, hi = 0;
+  std::atomic<int64_t> size{0};
+  std::atomic<bool> overflow{false};
+  // adds the keys of kept[0, n) in the band; band[] has room for n
+  void add(const uint32_t* kept, int64_t n, uint32_t* band) {
+    if (keys == nullptr || n == 0 || overflow.load(std::memory_order_relaxed)) return;
+    int64_t nb = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t b = kept[j] >> 16;
+      band[nb] = kept[j];
+      nb += b >= lo && b <= hi;
+    }
+    if (nb == 0) return;
+    const int64_t at = size.fetch_add(nb, std::memory_order_relaxed);
+    if (at + nb > capacity) overflow.store(true, std::memory_order_relaxed);
+    else std::memcpy(keys + at, band, nb * sizeof(uint32_t));
+  }
+};
+
+// Pass A. Returns per-chunk partial sums of (g*M)^2 (fp64; zeros without with_sumsq). With
+// with_saliency, adds the top-16-bit histogram of the score of active prunable entries to
+// sal_hist and, with regrowth, that of |g| of pruned entries to grow_hist. Score bins
+// outside the window [sal_lo, sal_hi] are lumped into bins sal_lo - 1 and sal_hi + 1. The
+// Fisher score needs the clip factor, so the driver calls this a second time for it, once
+// G^2 is known (without with_sumsq). With cand (int32, any size) and cand_n (int64[1]),
+// the keys (fp32 bits) of the scores whose first digit lies in [cand_lo, cand_hi] (inside
+// the window) are also written to cand, and cand_n[0] gets their number, or -1 if they did
+// not fit: a second digit inside that band then needs no pass over the buckets
+// (refine_keys; algorithm.md §2.2).
 torch::Tensor stats(torch::Tensor g, torch::Tensor w, torch::Tensor v, torch::Tensor mask,
                     c10::optional<torch::Tensor> ema, int64_t n_prunable, bool with_saliency, bool regrow,
                     int64_t fisher_q, double clip, double beta2, double omb2, double ema_keep, double ema_new,
-                    int64_t sal_lo, int64_t sal_hi, torch::Tensor sal_hist, torch::Tensor grow_hist) {
+                    int64_t sal_lo, int64_t sal_hi, torch::Tensor sal_hist, torch::Tensor grow_hist, bool with_sumsq,
+                    c10::optional<torch::Tensor> cand, c10::optional<torch::Tensor> cand_n, int64_t cand_lo,
+                    int64_t cand_hi) {
   TORCH_CHECK(0 <= sal_lo && sal_lo <= sal_hi && sal_hi < HIST_BINS, "bad saliency window");
   check_bucket(g, "g");
   check_bucket(w, "w");
@@ -204,6 +278,7 @@ torch::Tensor stats(torch::Tensor g, torch::Tensor w, torch::Tensor v, torch::Te
   TORCH_CHECK(mask.numel() == n_prunable, "mask must have n_prunable entries");
   check_hist(sal_hist);
   check_hist(grow_hist);
+  TORCH_CHECK(cand.has_value() == cand_n.has_value(), "cand and cand_n go together");
   const int64_t n = g.numel();
   const int64_t nchunks = (n + CHUNK - 1) / CHUNK;
   auto partial = torch::zeros({nchunks}, torch::dtype(torch::kFloat64));
@@ -215,6 +290,17 @@ torch::Tensor stats(torch::Tensor g, torch::Tensor w, torch::Tensor v, torch::Te
   const ScoreArgs sa = score_args(clip, beta2, omb2, ema_keep, ema_new);
   with_saliency = with_saliency && n_prunable > 0;
   regrow = regrow && n_prunable > 0;
+  Candidates cands;
+  if (cand.has_value()) {
+    TORCH_CHECK(cand->scalar_type() == at::kInt && cand->is_contiguous() && cand->device().is_cpu(),
+                "cand must be a contiguous int32 CPU tensor");
+    TORCH_CHECK(cand_n->scalar_type() == at::kLong && cand_n->numel() == 1, "cand_n must be int64[1]");
+    TORCH_CHECK(with_saliency, "candidates are the saliency's: with_saliency must be set");
+    cands.keys = reinterpret_cast<uint32_t*>(cand->data_ptr<int32_t>());
+    cands.capacity = cand->numel();
+    cands.lo = static_cast<uint32_t>(std::max(cand_lo, sal_lo));
+    cands.hi = static_cast<uint32_t>(std::min(cand_hi, sal_hi));
+  }
   std::mutex mu;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "agip_stats", [&] {
     const scalar_t* gp = g.data_ptr<scalar_t>();
@@ -227,23 +313,24 @@ torch::Tensor stats(torch::Tensor g, torch::Tensor w, torch::Tensor v, torch::Te
         LocalHist ls, lg;
         if (with_saliency) ls.init();
         if (regrow) lg.init();
-        uint32_t sbins[TILE], gbins[TILE];
+        uint32_t keys[TILE], kept[TILE + 16], band[TILE];
         int64_t below = 0, above = 0, unused = 0;
         const uint32_t win_lo = static_cast<uint32_t>(sal_lo), win_hi = static_cast<uint32_t>(sal_hi);
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t lo = c * CHUNK, hi = std::min(n, lo + CHUNK), mid = std::clamp(n_prunable, lo, hi);
-          part[c] = sumsq<true>(gp, mk, lo, mid) + sumsq<false>(gp, mk, mid, hi);
+          if (with_sumsq) part[c] = sumsq<true>(gp, mk, lo, mid) + sumsq<false>(gp, mk, mid, hi);
           if (!with_saliency && !regrow) continue;
           for (int64_t t0 = lo; t0 < mid; t0 += TILE) {
             const int64_t len = std::min(TILE, mid - t0);
-            if (with_saliency) {
-              tile_bins<true, SCORE, HAS_EMA>(wp, gp, vp, mk, em, t0, len, sa, win_lo, win_hi, sbins, below, above);
-              ls.count(sbins, len);
+            if (with_saliency &&
+                tile_keys<true, SCORE, HAS_EMA>(wp, gp, vp, mk, em, t0, len, sa, win_lo, win_hi, keys, below, above)) {
+              const int64_t nk = compact_keys(keys, len, kept);
+              ls.count_keys(kept, nk);
+              cands.add(kept, nk, band);
             }
-            if (regrow) {
-              tile_bins<false, -1, false>(wp, gp, vp, mk, em, t0, len, sa, 0, HIST_BINS - 1, gbins, unused, unused);
-              lg.count(gbins, len);
-            }
+            if (regrow &&
+                tile_keys<false, -1, false>(wp, gp, vp, mk, em, t0, len, sa, 0, HIST_BINS - 1, keys, unused, unused))
+              lg.count_keys(kept, compact_keys(keys, len, kept));
           }
         }
         merge(mu, ls, sh);
@@ -256,7 +343,25 @@ torch::Tensor stats(torch::Tensor g, torch::Tensor w, torch::Tensor v, torch::Te
       });
     });
   });
+  if (cand_n.has_value()) cand_n->fill_(cands.overflow.load() ? int64_t{-1} : cands.size.load());
   return partial;
+}
+
+// Pass B's loop over [0, n) in tiles: fill(t0, len, bins) writes the low digits of one
+// tile's hits (SKIP_KEY for the rest) and returns how many; their counts go to hist.
+template <typename Fill>
+void count_low_digits(int64_t n, int32_t* hist, Fill&& fill) {
+  std::mutex mu;
+  at::parallel_for(0, n, CHUNK, [&](int64_t lo, int64_t hi) {
+    LocalHist local;
+    local.init();
+    uint32_t bins[TILE];
+    for (int64_t t0 = lo; t0 < hi; t0 += TILE) {
+      const int64_t len = std::min(TILE, hi - t0);
+      if (fill(t0, len, bins)) local.count(bins, compact_keys(bins, len, bins));  // the hits alone
+    }
+    merge(mu, local, hist);
+  });
 }
 
 // Pass B: adds to hist the low-16-bit counts of the values whose top 16 bits equal
@@ -273,7 +378,6 @@ void refine(torch::Tensor g, torch::Tensor w, torch::Tensor v, torch::Tensor mas
   int32_t* hp = hist.data_ptr<int32_t>();
   const ScoreArgs sa = score_args(clip, beta2, omb2, ema_keep, ema_new);
   const uint32_t want = static_cast<uint32_t>(prefix);
-  std::mutex mu;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "agip_refine", [&] {
     const scalar_t* gp = g.data_ptr<scalar_t>();
     const scalar_t* wp = w.data_ptr<scalar_t>();
@@ -281,20 +385,33 @@ void refine(torch::Tensor g, torch::Tensor w, torch::Tensor v, torch::Tensor mas
     with_score(with_saliency ? fisher_q : -1, with_saliency && em != nullptr, [&](auto score, auto has_ema) {
       constexpr int SCORE = decltype(score)::value;
       constexpr bool HAS_EMA = decltype(has_ema)::value;
-      at::parallel_for(0, n_prunable, CHUNK, [&](int64_t lo, int64_t hi) {
-        LocalHist local;
-        local.init();
-        uint32_t bins[TILE];
-        for (int64_t t0 = lo; t0 < hi; t0 += TILE) {
-          const int64_t len = std::min(TILE, hi - t0);
-          const int64_t hits =
-              with_saliency ? tile_low_bins<true, SCORE, HAS_EMA>(wp, gp, vp, mk, em, t0, len, sa, want, bins)
-                            : tile_low_bins<false, -1, false>(wp, gp, vp, mk, em, t0, len, sa, want, bins);
-          if (hits) local.count(bins, len);
-        }
-        merge(mu, local, hp);
+      count_low_digits(n_prunable, hp, [&](int64_t t0, int64_t len, uint32_t* bins) {
+        return with_saliency ? tile_low_bins<true, SCORE, HAS_EMA>(wp, gp, vp, mk, em, t0, len, sa, want, bins)
+                             : tile_low_bins<false, -1, false>(wp, gp, vp, mk, em, t0, len, sa, want, bins);
       });
     });
+  });
+}
+
+// Pass B over candidate keys (stats' cand[0, n)): adds to hist the low-16-bit counts of
+// the keys whose top 16 bits equal prefix.
+void refine_keys(torch::Tensor cand, int64_t n, int64_t prefix, torch::Tensor hist) {
+  TORCH_CHECK(cand.scalar_type() == at::kInt && cand.is_contiguous() && cand.device().is_cpu(),
+              "cand must be a contiguous int32 CPU tensor");
+  TORCH_CHECK(0 <= n && n <= cand.numel(), "n must lie in [0, cand.numel()]");
+  check_hist(hist);
+  const uint32_t* keys = reinterpret_cast<const uint32_t*>(cand.data_ptr<int32_t>());
+  int32_t* hp = hist.data_ptr<int32_t>();
+  const uint32_t want = static_cast<uint32_t>(prefix);
+  count_low_digits(n, hp, [&](int64_t t0, int64_t len, uint32_t* bins) {
+    int64_t hits = 0;
+    for (int64_t j = 0; j < len; ++j) {
+      const uint32_t k = keys[t0 + j];
+      const bool hit = (k >> 16) == want;
+      bins[j] = hit ? (k & 0xFFFF) : SKIP_KEY;
+      hits += hit;
+    }
+    return hits;
   });
 }
 
@@ -392,6 +509,10 @@ void update(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor v, 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("stats", &stats, "AGIP pass A: G^2 chunk sums and first-digit histograms");
   mod.def("refine", &refine, "AGIP pass B: second-digit histogram inside one bin");
+  mod.def("refine_keys", &refine_keys, "AGIP pass B over the candidate keys pass A collected");
   mod.def("update", &update, "AGIP pass C: clip, AdamW, TA, new mask, w/m/v * M'");
   mod.attr("HIST_BINS") = HIST_BINS;
+  // stats takes with_sumsq, cand, cand_n, cand_lo, cand_hi after grow_hist; refine_keys
+  // (agip/backends/fused.py)
+  mod.attr("CANDIDATES") = true;
 }

@@ -145,11 +145,14 @@ def compare_with_reference(backend, case, device="cpu", seed=0, dtype=torch.floa
         assert sum(int((~b.mask).sum()) for b in ref.buckets) >= plan.k
 
 
-def compare_over_steps(backend, k_fracs, device="cpu", regrow=0.0, rho=0.0, layout="large", fisher_q=-1):
+def compare_over_steps(backend, k_fracs, device="cpu", regrow=0.0, rho=0.0, layout="large", fisher_q=-1,
+                       fresh_grads=True, scratch=None):
     """Several pruning steps on one flat state, so a fused backend's window around the
     previous theta is used (and missed, when k jumps): theta and masks must match the
     reference at every step. Before each step the backend's buffers are set to the
-    reference's, so ulp-level drift in w cannot move the boundary."""
+    reference's, so ulp-level drift in w cannot move the boundary. ``fresh_grads=False``
+    keeps the first step's gradients, so the scores drift as in training (theta moves by
+    less each step of a ramp); ``scratch`` (a dict) receives the backend's scratch state."""
     from agip.backends import reference
 
     ref, _ = make_flat(layout, pruned=0.0, ema=rho > 0)
@@ -158,7 +161,8 @@ def compare_over_steps(backend, k_fracs, device="cpu", regrow=0.0, rho=0.0, layo
     thetas = []
     for step, k_frac in enumerate(k_fracs, start=1):
         for rb, ob in zip(ref.buckets, other.buckets):
-            rb.g.copy_(torch.randn(rb.numel, generator=gen) * 1e-2)
+            if fresh_grads or step == 1:
+                rb.g.copy_(torch.randn(rb.numel, generator=gen) * 1e-2)
             for name in ("w", "g", "m", "v", "mask") + (("ema",) if rho > 0 else ()):
                 getattr(ob, name).copy_(getattr(rb, name))
         plan = make_plan(ref, k_frac, regrow=regrow, ema_rho=rho, step=step, fisher_q=fisher_q)
@@ -168,6 +172,8 @@ def compare_over_steps(backend, k_fracs, device="cpu", regrow=0.0, rho=0.0, layo
         for rb, ob in zip(ref.buckets, other.buckets):
             assert torch.equal(rb.mask, ob.mask.cpu()), step
         thetas.append(sel.theta)
+    if scratch is not None:
+        scratch.update(other.scratch[backend._driver.name])
     return thetas, other.scratch[backend._driver.name].get("window_misses", 0)
 
 

@@ -79,6 +79,66 @@ def test_theta_window_across_steps(regrow, rho, fisher_q):
         assert misses <= 1  # the EMA damps the jump
 
 
+RAMP = [0.1, 0.13, 0.155, 0.175, 0.19, 0.2, 0.205, 0.208]  # like a cubic ramp: k grows by less each step
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.5])
+@pytest.mark.parametrize("fisher_q", [-1, 1, 2])
+def test_candidate_keys_give_the_second_digit(fisher_q, rho):
+    # on a ramp with the scores drifting as in training, theta's first digit lands in the
+    # band where pass A kept the keys: no refine pass, and theta and masks still equal the
+    # reference's at every step
+    sc = {}
+    compare_over_steps(cpp, RAMP, fisher_q=fisher_q, rho=rho, fresh_grads=False, scratch=sc)
+    assert sc.get("window_misses", 0) == 0
+    # every step but the first (a full pass: no band); with the EMA (decaying from its
+    # random start) theta falls ever faster and the band, which expects slowing, misses some
+    assert sc.get("band_hits", 0) >= (len(RAMP) - 1 if rho == 0 else 2)
+
+
+def test_too_many_candidate_keys_fall_back_to_the_refine_pass(monkeypatch):
+    from agip.backends import fused
+
+    monkeypatch.setattr(fused, "CANDIDATE_SHARE", 10**9)
+    monkeypatch.setattr(fused, "CANDIDATE_MIN", 16)  # room for 16 keys: too few here
+    sc = {}
+    compare_over_steps(cpp, RAMP, fisher_q=1, fresh_grads=False, scratch=sc)
+    assert sc.get("band_hits", 0) == 0 and sc["cand"] is None
+
+
+def test_theta_is_zero_once_k_is_within_the_pruned_entries():
+    # after the ramp (k no larger than the entries already pruned) theta is 0 without a
+    # histogram, as the reference's k-th smallest of scores that include those zeros
+    sc = {}
+    thetas, _ = compare_over_steps(cpp, [0.3, 0.3, 0.2, 0.3], fisher_q=1, fresh_grads=False, scratch=sc)
+    assert thetas[0] > 0 and thetas[1:] == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("fisher_q", [-1, 1])
+def test_stats_collects_exactly_the_keys_in_the_band(fisher_q):
+    # the kernel's own contract: cand holds the fp32 bits of every active score whose first
+    # digit lies in [cand_lo, cand_hi] (inside the window), and no other
+    from agip.backends import reference
+
+    flat, _ = make_flat("large", pruned=0.3)
+    plan = make_plan(flat, 0.4, fisher_q=fisher_q)
+    b = flat.buckets[0]
+    P = b.n_prunable
+    keys = reference.saliency(b, plan)[b.mask].view(torch.int32).long()
+    mid = int(keys.median()) >> 16
+    lo, hi, clo, chi = 0, mid + 40, mid - 5, mid + 5
+    sal, grow = torch.zeros(65536, dtype=torch.int32), torch.zeros(65536, dtype=torch.int32)
+    cand, n = torch.empty(P, dtype=torch.int32), torch.zeros(1, dtype=torch.int64)
+    cpp._ext.stats(b.g[:P], b.w[:P], b.v[:P], b.mask, b.ema, P, True, False, *plan.score_args(), plan.ema_keep,
+                   plan.ema_new, lo, hi, sal, grow, False, cand, n, clo, chi)
+    want = keys[((keys >> 16) >= clo) & ((keys >> 16) <= chi)].sort().values
+    assert int(n) == want.numel() > 0
+    assert torch.equal(cand[: int(n)].long().sort().values, want)
+    # the window's histogram: in-window bins exact, the rest lumped above it
+    assert int(sal[hi + 1]) == int(((keys >> 16) > hi).sum())
+    assert torch.equal(sal[: hi + 1].long(), torch.bincount(keys[(keys >> 16) <= hi] >> 16, minlength=hi + 1))
+
+
 @pytest.mark.parametrize("hyper", HYPERS)
 @pytest.mark.parametrize("fisher_q", [-1, 2])
 def test_other_adam_constants_match_reference(hyper, fisher_q):
