@@ -5,7 +5,9 @@
 - GMP (Zhu & Gupta): the same magnitude criterion, re-applied during training with the
   cubic schedule (``gmp_ratio``);
 - Wanda (Sun et al. 2023): score |W_ij| * ||X_j||_2 with the input-feature norms from
-  calibration activations, pruned per output row (Wanda's comparison group).
+  calibration activations, pruned per output row (Wanda's comparison group);
+- PLATON (Zhang et al. 2022): the smoothed Taylor score I_bar * U_bar (``PlatonScore``),
+  re-thresholded globally on the cubic schedule.
 """
 from __future__ import annotations
 
@@ -30,12 +32,56 @@ def magnitude_masks(opt, ratio: float) -> dict:
     named = list(_prunable(opt))
     if not named:
         raise ValueError("no prunable parameters (param groups with prune=True)")
-    mags = torch.cat([p.detach().float().abs().reshape(-1) for _, p in named]).cpu()
-    k = int(math.floor(ratio * mags.numel()))
+    return _global_masks([(name, p.detach().float().abs()) for name, p in named], ratio)
+
+
+def _global_masks(named_scores, ratio: float) -> dict:
+    """Prune the floor(ratio * N) smallest scores over all the given tensors (exact global
+    threshold, ties pruned: docs/algorithm.md §2.3)."""
+    flat = torch.cat([s.reshape(-1) for _, s in named_scores]).cpu()
+    k = int(math.floor(ratio * flat.numel()))
     if k == 0:
-        return {name: torch.ones_like(p, dtype=torch.bool) for name, p in named}
-    theta = radix_select(k, torch_histogram(mags))
-    return {name: p.detach().float().abs() > theta for name, p in named}
+        return {name: torch.ones_like(s, dtype=torch.bool) for name, s in named_scores}
+    theta = radix_select(k, torch_histogram(flat))
+    return {name: s > theta for name, s in named_scores}
+
+
+class PlatonScore:
+    """PLATON's weight importance (Zhang et al. 2022, eq. 6-8), kept on the host: after each
+    step, with I = |w * g| of every prunable weight,
+
+        I_bar <- b1 * I_bar + (1 - b1) * I
+        U_bar <- b2 * U_bar + (1 - b2) * |I - I_bar|     (with the updated I_bar)
+
+    and the score S = I_bar * U_bar (two fp32 buffers: 8 bytes per prunable weight). As in
+    PLATON's code, w is the weight after the step and g the step's gradient (the harness'
+    ``after_step`` hook runs after ``opt.step`` and before ``zero_grad``).
+    """
+
+    def __init__(self, beta1: float = 0.85, beta2: float = 0.95):
+        if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+            raise ValueError(f"PLATON's betas must lie in [0, 1), got {beta1}, {beta2}")
+        self.beta1, self.beta2 = beta1, beta2
+        self.i_bar, self.u_bar = {}, {}
+
+    @torch.no_grad()
+    def update(self, opt) -> None:
+        for name, p in _prunable(opt):
+            if p.grad is None:
+                continue
+            ipt = (p.detach().float() * p.grad.float()).abs_()
+            if name not in self.i_bar:
+                self.i_bar[name], self.u_bar[name] = torch.zeros_like(ipt), torch.zeros_like(ipt)
+            i_bar = self.i_bar[name].mul_(self.beta1).add_(ipt, alpha=1 - self.beta1)
+            self.u_bar[name].mul_(self.beta2).add_(ipt.sub_(i_bar).abs_(), alpha=1 - self.beta2)
+
+    @torch.no_grad()
+    def masks(self, ratio: float) -> dict:
+        """Global masks at ``ratio`` by S = I_bar * U_bar; a weight pruned before may come back
+        (with w = 0) when its smoothed score rises above the threshold, as in PLATON."""
+        if not self.i_bar:
+            raise ValueError("PlatonScore.masks: call update() after a step first")
+        return _global_masks([(n, self.i_bar[n] * self.u_bar[n]) for n in self.i_bar], ratio)
 
 
 def gmp_ratio(step: int, total_steps: int, target: float, start: float = 0.05, end: float = 0.75) -> float:

@@ -4,7 +4,7 @@
 - ``optimizer(cfg, model)``: the optimizer it trains with;
 - ``before_training(model, opt, calibration) -> bool``: one-shot pruning before training
   (True when it pruned, so the harness measures the perplexity right after);
-- ``after_step(step, opt)``: pruning between steps (GMP);
+- ``after_step(step, opt)``: pruning between steps (GMP, PLATON);
 - ``scheduled(step, report) -> float``: the sparsity it aims at after ``step`` steps.
 
 ``agip.train.finetune`` calls the hooks and never branches on a method's name. AGIP prunes
@@ -121,8 +121,27 @@ class GMP(Masked):
         return baselines.gmp_ratio(step, self.cfg.steps, self.cfg.target_sparsity)
 
 
+class Platon(Masked):
+    name = "platon"
+    help = ("PLATON (Zhang et al. 2022): the smoothed Taylor score EMA(|w·g|)·EMA(uncertainty), global masks after "
+            "every step on GMP's cubic ramp (host-side baseline, 8 extra bytes per prunable weight)")
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.score = baselines.PlatonScore()
+
+    def after_step(self, step: int, opt) -> None:
+        self.score.update(opt)
+        ratio = baselines.gmp_ratio(step, self.cfg.steps, self.cfg.target_sparsity)
+        if ratio > 0:
+            opt.apply_masks(self.score.masks(ratio))
+
+    def scheduled(self, step: int, report: dict) -> float:
+        return baselines.gmp_ratio(step, self.cfg.steps, self.cfg.target_sparsity)
+
+
 METHODS = {"agip": Method, "adamw": Dense, "gmp": GMP, "magnitude": Magnitude, "wanda": Wanda,
-           "sparsegpt": SparseGPT}
+           "sparsegpt": SparseGPT, "platon": Platon}
 
 
 def make(cfg) -> Method:

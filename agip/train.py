@@ -281,8 +281,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         lr = sched.get_last_lr()[0]
         opt.step(loss=E)
         sched.step()
+        method.after_step(step + 1, opt)  # before zero_grad: PLATON's score reads the step's gradient
         opt.zero_grad()
-        method.after_step(step + 1, opt)
         dt = time.perf_counter() - t0
         train_time += dt
         rep = opt.sparsity_report()

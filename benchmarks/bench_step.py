@@ -5,8 +5,9 @@ each score (Taylor |w·g|, Fisher |w|·√v), a pruning step of a sparsity *ramp
 step prunes new entries: theta > 0, the exact threshold every step), and a Fisher first
 pruning step (no previous theta: the full histogram), interleaved with the baseline in one
 run; reports medians, effective GB/s by the byte model of docs/design.md (32 B per
-parameter plus, per prunable parameter, 2 B non-pruning, 16 B Taylor pruning, 29 B
-Fisher pruning; fp32) and the ratio to ``torch.optim.AdamW(fused=True)`` +
+parameter plus, per prunable parameter, 2 B non-pruning, 7 B Taylor pruning, 16 B Fisher
+pruning when theta lands in the band of keys pass A kept, 29 B on a first pruning step,
+which runs pass B; fp32) and the ratio to ``torch.optim.AdamW(fused=True)`` +
 ``clip_grad_norm_``. Buffers are shaped like
 SmolLM2-135M (per layer q, o 576x576; k, v 576x192; gate, up 576x1536; down 1536x576;
 a tied 49152x576 embedding; norms), with the layer count and embedding scaled to size.
@@ -32,7 +33,7 @@ from agip import backends
 
 # bytes moved per step by the byte model of docs/design.md (fp32, 1-byte mask), as
 # (per parameter, extra per prunable parameter)
-BYTES = {"step": (32, 2), "prune-taylor": (32, 16), "prune-fisher": (32, 29), "prune-first": (32, 29)}
+BYTES = {"step": (32, 2), "prune-taylor": (32, 7), "prune-fisher": (32, 16), "prune-first": (32, 29)}
 HIDDEN, INTER, KV, VOCAB, LAYERS = 576, 1536, 192, 49152, 30
 LAYER_SHAPES = [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN),
                 (INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER)]

@@ -159,11 +159,15 @@ class Study:
         runs += [(*m, t, 0) for m in (("GMP (cubic, magnitude)", "gmp", {}), ("one-shot magnitude + FT", "magnitude", {}))
                  for t in targets]
         # a smoothed Taylor score, PLATON's first factor (EMA 0.85 of |w·g|), as the default's ramp:
-        # is smoothing the thesis' score enough? (PLATON's uncertainty factor is not implemented)
+        # is smoothing the thesis' score enough? And PLATON's whole score (I_bar * U_bar, a host-side
+        # baseline): is its uncertainty factor worth 8 bytes per weight inside the optimizer?
         if 0.5 in targets:
             runs.append(("AGIP smoothed Taylor (EMA 0.85 of |w·g|, cubic, no TA)", "agip",
                          dict(saliency="taylor", saliency_ema=0.85, schedule="cubic", prune_interval=1, ta_gamma=0.0,
                               stability=False), 0.5, 0))
+            runs.append(("PLATON (Ī·Ū, GMP's cubic ramp, masks every step)", "platon", {}, 0.5, 0))
+        # seeds 1 and 2 of the default at the lower targets (its target against dense fine-tuning)
+        runs += [(*default, t, s) for s in (1, 2) for t in sorted(targets) if t != top]
         for label, method, ov, target, seed in runs:
             if (self.args.only and not label.startswith(self.args.only)) or \
                     (self.args.seeds is not None and seed not in self.args.seeds):

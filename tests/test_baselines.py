@@ -69,7 +69,7 @@ def test_wanda_handles_gpt2_conv1d(gpt2_dir):
     assert bool(((~m).sum(0) == math.floor(0.3 * w.shape[0])).all())
 
 
-@pytest.mark.parametrize("method", ["gmp", "magnitude", "wanda", "adamw"])
+@pytest.mark.parametrize("method", ["gmp", "magnitude", "wanda", "adamw", "platon"])
 def test_harness_methods(method, gpt2_dir, corpus_dir, tmp_path):
     from agip.train import FinetuneConfig, finetune
 
@@ -81,11 +81,37 @@ def test_harness_methods(method, gpt2_dir, corpus_dir, tmp_path):
         return
     assert rep["sparsity_prunable"] == pytest.approx(0.5, abs=0.01)
     assert (rep["ppl_pruned"] is not None) == (method in ("magnitude", "wanda"))
-    if method == "gmp":  # the cubic ramp, re-applied during training
+    if method in ("gmp", "platon"):  # the cubic ramp, re-applied during training
         s = [h["sparsity_prunable"] for h in rep["history"]]
         assert s[0] < s[4] < s[-1] and all(a <= b + 1e-9 for a, b in zip(s, s[1:]))
     else:  # one-shot: the mask is fixed from the first step
         assert all(h["sparsity_prunable"] == rep["sparsity_prunable"] for h in rep["history"])
+
+
+def test_platon_score_is_the_papers_smoothed_taylor():
+    # two steps of PLATON's EMAs by hand (Zhang et al. 2022): I_bar = EMA_0.85(|w g|),
+    # U_bar = EMA_0.95(|I - I_bar|) with the updated I_bar; S = I_bar * U_bar
+    p = torch.nn.Parameter(torch.tensor([[1.0, -2.0], [0.5, 0.0]]))
+    q = torch.nn.Parameter(torch.tensor([3.0, -1.0, 0.25]))
+    opt = agip.AGIP([{"params": [p, q], "prune": True, "param_names": ["p", "q"]}], total_steps=10)
+    sc = baselines.PlatonScore()
+    i_bar = {n: torch.zeros_like(t) for n, t in (("p", p), ("q", q))}
+    u_bar = {n: torch.zeros_like(t) for n, t in (("p", p), ("q", q))}
+    for grads in ((torch.tensor([[0.1, 0.2], [-0.4, 1.0]]), torch.tensor([0.5, 0.5, -2.0])),
+                  (torch.tensor([[0.3, 0.0], [0.2, 1.0]]), torch.tensor([-0.1, 0.2, 4.0]))):
+        p.grad, q.grad = grads[0].clone(), grads[1].clone()
+        sc.update(opt)
+        for n, t in (("p", p), ("q", q)):
+            ipt = (t.detach() * t.grad).abs()
+            i_bar[n] = 0.85 * i_bar[n] + 0.15 * ipt
+            u_bar[n] = 0.95 * u_bar[n] + 0.05 * (ipt - i_bar[n]).abs()
+            assert torch.allclose(sc.i_bar[n], i_bar[n]) and torch.allclose(sc.u_bar[n], u_bar[n])
+    scores = torch.cat([(i_bar[n] * u_bar[n]).reshape(-1) for n in ("p", "q")])
+    masks = sc.masks(3 / 7)
+    kept = torch.cat([masks["p"].reshape(-1), masks["q"].reshape(-1)])
+    assert int((~kept).sum()) == 3 and bool((scores[~kept].max() < scores[kept].min()))
+    with pytest.raises(ValueError, match="betas"):
+        baselines.PlatonScore(beta1=1.0)
 
 
 def test_quality_quick_runs_every_phase_and_resumes(gpt2_dir, corpus_dir, tmp_path):
@@ -101,12 +127,12 @@ def test_quality_quick_runs_every_phase_and_resumes(gpt2_dir, corpus_dir, tmp_pa
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert res.stdout.count("[lr]") == 0 and res.stdout.count("[select]") == 0  # recorded runs are not redone
     rows = json.loads((tmp_path / "study-2.json").read_text())["rows"]
-    assert len(rows) == 3 + 4 + 17 and len({r["key"] for r in rows}) == len(rows)
+    assert len(rows) == 3 + 4 + 20 and len({r["key"] for r in rows}) == len(rows)
     assert sum(1 for r in rows if r.get("sparsity_pattern") == "2:4") == 1
-    assert {r["method"] for r in rows} == {"adamw", "gmp", "magnitude", "wanda", "agip"}
+    assert {r["method"] for r in rows} == {"adamw", "gmp", "magnitude", "wanda", "agip", "platon"}
     assert {r["target"] for r in rows} == {0.0, 0.3, 0.5}
     assert all(r["ood_test"] and r["ood_validation"] and r["ppl_validation"] for r in rows)
-    assert sum(1 for r in rows if r["seed"] == 2) == 3
+    assert sum(1 for r in rows if r["seed"] == 2) == 4
     assert (tmp_path / "study-2.md").read_text().count("\n|") >= 25
     assert (tmp_path / "study-2.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "study-2-density.png").read_bytes()[:4] == b"\x89PNG"  # default next to thesis
