@@ -12,9 +12,12 @@ from conftest import TinyLM, batch, train
 STEPS = 10
 
 
+LR = 1e-2
+
+
 def make(backend="reference", pattern="2:4", saliency="fisher", model=None, **kw):
     model = model or TinyLM()
-    args = dict(lr=1e-2, target_sparsity=0.5, total_steps=STEPS, warmup_steps=1, schedule="cubic",
+    args = dict(lr=LR, target_sparsity=0.5, total_steps=STEPS, warmup_steps=1, schedule="cubic",
                 saliency=saliency, sparsity_pattern=pattern, backend=backend)
     args.update(kw)
     return model, agip.AGIP(agip.param_groups(model), **args)
@@ -86,16 +89,25 @@ def test_backends_find_the_same_masks(backend, monkeypatch):
     for t in range(STEPS):
         sync_optimizers(ref_model, ref_opt, model, opt)
         before = [p.detach().clone() for p in ref_model.parameters()]
-        for mdl, o in ((ref_model, ref_opt), (model, opt)):
+        for mdl in (ref_model, model):
             loss = mdl(batch(t))
             loss.backward()
+        # the same gradient for both: two copies' backward passes may round differently
+        # (seen with one thread), and the optimizers are this test's subject
+        for a, b in zip(ref_model.parameters(), model.parameters()):
+            b.grad.copy_(a.grad)
+        for o in (ref_opt, opt):
             o.step(loss=loss)
             o.zero_grad()
         r_ref, r = ref_opt.sparsity_report(), opt.sparsity_report()
         assert r["theta"] == r_ref["theta"] and r["layer_density"] == r_ref["layer_density"], t
         for a, b, old in zip(ref_model.parameters(), model.parameters(), before):
             assert torch.equal(a == 0, b == 0), t
-            assert ulps(a.detach() - old, b.detach() - old, old) <= MAX_ULPS, t
+            # ulps of the operands: the Adam term's are of size lr (its normalised step is
+            # about 1), and where m's lerp cancels (seen with one thread, a weight of 1e-4
+            # and lr 1e-2) its rounding is relative to them, not to the small result
+            operands = torch.maximum(old.abs(), torch.full_like(old, LR))
+            assert ulps(a.detach() - old, b.detach() - old, operands) <= MAX_ULPS, t
     assert ref_opt.sparsity_report()["sparsity_prunable"] == 0.5
 
 
