@@ -103,7 +103,17 @@ class SparseGPT(Masked):
         return True
 
 
-class GMP(Masked):
+class CubicRamp(Masked):
+    """A baseline that re-prunes during training on Zhu & Gupta's cubic ramp (``gmp_ratio``)."""
+
+    def ratio(self, step: int) -> float:
+        return baselines.gmp_ratio(step, self.cfg.steps, self.cfg.target_sparsity)
+
+    def scheduled(self, step: int, report: dict) -> float:
+        return self.ratio(step)
+
+
+class GMP(CubicRamp):
     name = "gmp"
     help = "gradual magnitude pruning: cubic schedule, global magnitude threshold, re-applied gmp_events times"
 
@@ -114,14 +124,10 @@ class GMP(Masked):
 
     def after_step(self, step: int, opt) -> None:
         if step in self.events:
-            cfg = self.cfg
-            opt.apply_masks(baselines.magnitude_masks(opt, baselines.gmp_ratio(step, cfg.steps, cfg.target_sparsity)))
-
-    def scheduled(self, step: int, report: dict) -> float:
-        return baselines.gmp_ratio(step, self.cfg.steps, self.cfg.target_sparsity)
+            opt.apply_masks(baselines.magnitude_masks(opt, self.ratio(step)))
 
 
-class Platon(Masked):
+class Platon(CubicRamp):
     name = "platon"
     help = ("PLATON (Zhang et al. 2022): the smoothed Taylor score EMA(|w·g|)·EMA(uncertainty), global masks after "
             "every step on GMP's cubic ramp (host-side baseline, 8 extra bytes per prunable weight)")
@@ -132,12 +138,9 @@ class Platon(Masked):
 
     def after_step(self, step: int, opt) -> None:
         self.score.update(opt)
-        ratio = baselines.gmp_ratio(step, self.cfg.steps, self.cfg.target_sparsity)
+        ratio = self.ratio(step)
         if ratio > 0:
             opt.apply_masks(self.score.masks(ratio))
-
-    def scheduled(self, step: int, report: dict) -> float:
-        return baselines.gmp_ratio(step, self.cfg.steps, self.cfg.target_sparsity)
 
 
 METHODS = {"agip": Method, "adamw": Dense, "gmp": GMP, "magnitude": Magnitude, "wanda": Wanda,

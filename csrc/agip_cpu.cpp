@@ -28,7 +28,6 @@ constexpr int64_t CHUNK = 1 << 16;
 constexpr int64_t HIST_BINS = 1 << 16;
 constexpr int64_t TILE = 1024;  // bins are computed for a tile (vectorized), then counted
 constexpr int SUBHISTS = 4;     // interleaved copies break store-to-load chains on hot bins
-constexpr uint32_t SKIP = HIST_BINS;  // bin index of entries that are not counted
 // the key of entries that are not counted: a negative NaN's bits, which no score has
 // (scores are |.| or sums of them, never negative)
 constexpr uint32_t SKIP_KEY = 0xFFFFFFFFu;
@@ -119,8 +118,8 @@ int64_t tile_keys(const T* __restrict__ w, const T* __restrict__ g, const T* __r
   return kept;
 }
 
-// Moves the keys other than SKIP_KEY to the front of out (which has room for len + 16),
-// keeping their order; returns how many. With AVX-512, 16 lanes per compress.
+// Moves the keys other than SKIP_KEY to the front of out (room for len: a 16-lane store at
+// the write index never reaches past the block just read), keeping their order; returns how many. With AVX-512, 16 lanes per compress.
 // In place (out == keys) is allowed: the write index never passes the read index.
 inline int64_t compact_keys(const uint32_t* keys, int64_t len, uint32_t* out) {
   int64_t n = 0, j = 0;
@@ -183,23 +182,21 @@ double sumsq(const T* __restrict__ g, const uint8_t* __restrict__ mask, int64_t 
   return s;
 }
 
-// A thread's private histogram: SUBHISTS interleaved copies plus a SKIP bin.
+// A thread's private histogram: SUBHISTS interleaved copies, HIST_STRIDE apart (one bin of
+// padding: copies exactly 256 KiB apart would put a bin's copies in the same cache sets).
+constexpr int64_t HIST_STRIDE = HIST_BINS + 1;
 struct LocalHist {
   std::vector<int32_t> c;
-  void init() { c.assign(SUBHISTS * (HIST_BINS + 1), 0); }
+  void init() { c.assign(SUBHISTS * HIST_STRIDE, 0); }
   bool empty() const { return c.empty(); }
-  void count(const uint32_t* bins, int64_t n) {
+  // counts values[j] >> SHIFT for n values, none of them SKIP_KEY (compact_keys' output):
+  // SHIFT 16 counts the first digits of keys, SHIFT 0 low digits
+  template <int SHIFT>
+  void count(const uint32_t* values, int64_t n) {
     int64_t j = 0;
     for (; j + SUBHISTS <= n; j += SUBHISTS)
-      for (int k = 0; k < SUBHISTS; ++k) ++c[k * (HIST_BINS + 1) + bins[j + k]];
-    for (; j < n; ++j) ++c[bins[j]];
-  }
-  // counts the first digits of n keys, none of them SKIP_KEY (compact_keys' output)
-  void count_keys(const uint32_t* keys, int64_t n) {
-    int64_t j = 0;
-    for (; j + SUBHISTS <= n; j += SUBHISTS)
-      for (int k = 0; k < SUBHISTS; ++k) ++c[k * (HIST_BINS + 1) + (keys[j + k] >> 16)];
-    for (; j < n; ++j) ++c[keys[j] >> 16];
+      for (int k = 0; k < SUBHISTS; ++k) ++c[k * HIST_STRIDE + (values[j + k] >> SHIFT)];
+    for (; j < n; ++j) ++c[values[j] >> SHIFT];
   }
 };
 
@@ -207,7 +204,7 @@ void merge(std::mutex& mu, const LocalHist& local, int32_t* global) {
   if (local.empty()) return;
   std::lock_guard<std::mutex> lock(mu);
   for (int k = 0; k < SUBHISTS; ++k)
-    for (int64_t b = 0; b < HIST_BINS; ++b) global[b] += local.c[k * (HIST_BINS + 1) + b];
+    for (int64_t b = 0; b < HIST_BINS; ++b) global[b] += local.c[k * HIST_STRIDE + b];
 }
 
 void check_bucket(const torch::Tensor& t, const char* what) {
@@ -313,7 +310,7 @@ torch::Tensor stats(torch::Tensor g, torch::Tensor w, torch::Tensor v, torch::Te
         LocalHist ls, lg;
         if (with_saliency) ls.init();
         if (regrow) lg.init();
-        uint32_t keys[TILE], kept[TILE + 16], band[TILE];
+        uint32_t keys[TILE], kept[TILE], band[TILE];
         int64_t below = 0, above = 0, unused = 0;
         const uint32_t win_lo = static_cast<uint32_t>(sal_lo), win_hi = static_cast<uint32_t>(sal_hi);
         for (int64_t c = c0; c < c1; ++c) {
@@ -325,12 +322,12 @@ torch::Tensor stats(torch::Tensor g, torch::Tensor w, torch::Tensor v, torch::Te
             if (with_saliency &&
                 tile_keys<true, SCORE, HAS_EMA>(wp, gp, vp, mk, em, t0, len, sa, win_lo, win_hi, keys, below, above)) {
               const int64_t nk = compact_keys(keys, len, kept);
-              ls.count_keys(kept, nk);
+              ls.count<16>(kept, nk);
               cands.add(kept, nk, band);
             }
             if (regrow &&
                 tile_keys<false, -1, false>(wp, gp, vp, mk, em, t0, len, sa, 0, HIST_BINS - 1, keys, unused, unused))
-              lg.count_keys(kept, compact_keys(keys, len, kept));
+              lg.count<16>(kept, compact_keys(keys, len, kept));
           }
         }
         merge(mu, ls, sh);
@@ -358,7 +355,7 @@ void count_low_digits(int64_t n, int32_t* hist, Fill&& fill) {
     uint32_t bins[TILE];
     for (int64_t t0 = lo; t0 < hi; t0 += TILE) {
       const int64_t len = std::min(TILE, hi - t0);
-      if (fill(t0, len, bins)) local.count(bins, compact_keys(bins, len, bins));  // the hits alone
+      if (fill(t0, len, bins)) local.count<0>(bins, compact_keys(bins, len, bins));  // the hits alone
     }
     merge(mu, local, hist);
   });
@@ -512,7 +509,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("refine_keys", &refine_keys, "AGIP pass B over the candidate keys pass A collected");
   mod.def("update", &update, "AGIP pass C: clip, AdamW, TA, new mask, w/m/v * M'");
   mod.attr("HIST_BINS") = HIST_BINS;
-  // stats takes with_sumsq, cand, cand_n, cand_lo, cand_hi after grow_hist; refine_keys
-  // (agip/backends/fused.py)
-  mod.attr("CANDIDATES") = true;
 }

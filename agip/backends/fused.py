@@ -7,10 +7,12 @@ A fused backend supplies three kernels with one signature each:
   ema_keep, ema_new, sal_lo, sal_hi, sal_hist, grow_hist)`` -> per-block partial sums of
   (g*M)^2; adds the first-digit (top 16 bits) histograms of the score of active entries
   (bins outside the window ``[sal_lo, sal_hi]`` lumped into ``sal_lo - 1`` and
-  ``sal_hi + 1``) and of |g| of pruned entries. A backend whose ``stats`` also *collects
-  candidates* (``candidates=True``; ``cpp``) takes three more arguments, ``with_sumsq,
-  cand, cand_n``: it skips G^2 when told to and writes the keys of the scores inside the
-  window to ``cand``, so the second digit needs no ``refine`` pass over the buckets;
+  ``sal_hi + 1``) and of |g| of pruned entries. A backend that also supplies
+  ``refine_keys(cand, n, prefix, hist)`` (``cpp``) *collects candidates*: its ``stats``
+  takes five more arguments, ``with_sumsq, cand, cand_n, cand_lo, cand_hi``; it skips G^2
+  when told to and writes the keys of the scores whose first digit lies in
+  ``[cand_lo, cand_hi]`` to ``cand`` (their number, or -1 if they did not fit, to
+  ``cand_n``), so a second digit in that band needs no ``refine`` pass over the buckets;
 - ``refine(g, w, v, mask, ema, n_prunable, prefix, saliency, fisher_q, clip, beta2, omb2,
   ema_keep, ema_new, hist)``: adds the second-digit histogram of the values in bin ``prefix``;
 - ``update(w, g, m, v, mask, ema, start, end, **scalars)``: pass C over one group's range.
@@ -73,7 +75,11 @@ class FusedDriver:
         self.name, self.stats, self.refine, self.update_kernel = name, stats, refine, update
         # refine_keys(cand, n, prefix, hist): pass B over the keys stats collected
         self.refine_keys = refine_keys
-        self.candidates = refine_keys is not None
+
+    @property
+    def candidates(self) -> bool:
+        """Whether ``stats`` collects candidate keys (the backend supplies ``refine_keys``)."""
+        return self.refine_keys is not None
 
     @classmethod
     def for_extension(cls, name, ext):
