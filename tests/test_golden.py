@@ -6,14 +6,16 @@ the ``reference`` and ``cpp`` backends, for the Taylor score, Fisher p = 1/4 and
 Each theta is compared as a float's hex and the final weights and masks as sha256 of
 their bytes, against ``tests/golden.json``.
 
-The figures are this machine kind's (x86-64, torch 2.13 on the CPU, one thread): a
-different CPU or torch may round the model's matrix products differently. Record them
-only from a commit before a refactor: ``AGIP_GOLDEN_RECORD=1 python -m pytest
-tests/test_golden.py``; a refactor must pass against the file it found.
+The figures are recorded per machine kind (CPU model and torch version; one thread): a
+different CPU or torch may round the model's matrix products differently, so a machine
+kind with no record skips, saying so. Record one only from a commit before a refactor
+(``AGIP_GOLDEN_RECORD=1 python -m pytest tests/test_golden.py``); a refactor must pass
+against the file it found.
 """
 import hashlib
 import json
 import os
+import platform
 
 import pytest
 import torch
@@ -28,6 +30,15 @@ RUNS = {
     "fisher": dict(saliency="fisher", fisher_power=0.25, regrow_fraction=0.1),
     "2:4": dict(saliency="fisher", fisher_power=0.25, sparsity_pattern="2:4"),
 }
+
+
+def machine() -> str:
+    """The machine kind the figures belong to: CPU model, architecture, torch version."""
+    model = platform.processor() or "?"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    return f"{model} | {platform.machine()} | torch {torch.__version__}"
 
 
 def digest(tensors) -> str:
@@ -69,14 +80,15 @@ def test_golden_run(backend, kind):
         pytest.importorskip("agip.backends.cpp")
     got = run(backend, kind)
     key = f"{backend}/{kind}"
+    table = json.load(open(GOLDEN)) if os.path.exists(GOLDEN) else {}
     if os.environ.get("AGIP_GOLDEN_RECORD") == "1":
-        table = json.load(open(GOLDEN)) if os.path.exists(GOLDEN) else {}
-        table[key] = got
+        table.setdefault(machine(), {})[key] = got
         with open(GOLDEN, "w") as f:
             json.dump(table, f, indent=1, sort_keys=True)
         return
-    with open(GOLDEN) as f:
-        want = json.load(f)[key]
+    if machine() not in table:
+        pytest.skip(f"no golden run recorded for {machine()!r} (recorded: {sorted(table)})")
+    want = table[machine()][key]
     assert got["theta"] == want["theta"]
     assert got["sparsity"] == want["sparsity"]
     assert got["masks"] == want["masks"]
@@ -87,7 +99,14 @@ def test_golden_runs_prune_and_differ():
     """The recorded runs exercise what they claim: pruning starts at step 2, reaches the
     target, and the three scores give three different mask sets."""
     with open(GOLDEN) as f:
-        table = json.load(f)
+        machines = json.load(f)
+    assert machines
+    for table in machines.values():
+        check_recorded(table)
+
+
+def check_recorded(table: dict) -> None:
+    assert set(table) == {f"{b}/{k}" for b, k in CASES}
     for key, rec in table.items():
         assert rec["theta"][0] is None and rec["theta"][1] is not None, key
         assert rec["sparsity"] >= 0.5, key
