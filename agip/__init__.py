@@ -5,7 +5,8 @@ nothing; backends load on first use.
 """
 from . import hf
 from .groups import param_groups
-from .optimizer import AGIP, TAAdamW, ta_scale
+from .optimizer import AGIP, TAAdamW
+from .step import ta_scale
 from .schedule import SparsitySchedule
 
 __version__ = "0.1.0"

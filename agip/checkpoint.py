@@ -21,6 +21,9 @@ import tempfile
 
 import torch
 
+from .comm import rank
+from .dtensor import full, local, wrap_like
+
 MODEL_FILE = "model.safetensors"
 
 
@@ -31,31 +34,25 @@ def full_state(model) -> dict:
     share memory, so each one is its own copy. FSDP2's sharded parameters are gathered
     whole (a collective: every rank calls this, in the same order).
     """
-    from .distributed import is_dtensor, local
-
     seen, state = {}, {}
     for name, t in model.state_dict().items():
         key = (local(t).data_ptr(), tuple(t.shape))
         if key in seen:  # a tied weight (e.g. lm_head = embed_tokens): transformers re-ties it
             continue
         seen[key] = name
-        t = t.full_tensor() if is_dtensor(t) else t
-        state[name] = t.detach().to("cpu").clone().contiguous()
+        state[name] = full(t).detach().to("cpu").clone().contiguous()
     return state
 
 
 def optimizer_masks(optimizer) -> dict:
     """The masks of the prunable parameters by name, whole (FSDP2 shards gathered: a
     collective)."""
-    from .distributed import is_dtensor, wrap_like
-
     masks = {}
     for group in optimizer.param_groups:
         for name, p in zip(group.get("param_names", []), group["params"]):
             st = optimizer.state.get(p, {})
             if "mask" in st:
-                m = wrap_like(p, st["mask"])
-                masks[name] = (m.full_tensor() if is_dtensor(m) else m).detach().to("cpu").clone().contiguous()
+                masks[name] = full(wrap_like(p, st["mask"])).detach().to("cpu").clone().contiguous()
     return masks
 
 
@@ -132,7 +129,7 @@ def save(path: str, model, tokenizer, optimizer=None, scheduler=None, state: dic
 
     ``rng`` is saved as given: ``agip finetune`` passes the CPU RNG state and, on CUDA,
     every device's RNG state too. ``weights`` and ``masks`` (gathered whole by
-    :func:`agip.distributed.save_full` under FSDP2) replace the model's and the
+    :func:`save_full` under FSDP2) replace the model's and the
     optimizer's own; with them, pass no optimizer (its state is per rank).
     """
     path = os.path.abspath(path)
@@ -205,3 +202,57 @@ def load_training_state(path: str) -> dict:
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{path} holds no optimizer state (optimizer.pt); it cannot be resumed")
     return torch.load(file, weights_only=True)
+
+
+# --- checkpoints under FSDP2 / DDP ---------------------------------------------------
+def _optimizer_state(opt) -> dict:
+    """``opt.state_dict()`` with each state tensor a DTensor laid out like its parameter
+    (sharing the optimizer's memory), the form ``torch.distributed.checkpoint`` needs to
+    store each rank's shards."""
+    sd = opt.state_dict()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        sd["state"][i] = {k: wrap_like(p, t) for k, t in sd["state"].get(i, {}).items()}
+    return sd
+
+
+def save_sharded(path: str, model, opt) -> None:
+    """Every rank's shards of the model and of AGIP's state (m, v, masks, saliency EMA,
+    counters, schedule) with ``torch.distributed.checkpoint`` (a collective). Resume with
+    :func:`load_sharded` on the same number of processes: it continues bit for bit."""
+    import torch.distributed.checkpoint as dcp
+
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"save_sharded needs a folder path, got {path!r}")
+    dcp.save({"model": model.state_dict(), "optim": _optimizer_state(opt)}, checkpoint_id=path)
+
+
+def load_sharded(path: str, model, opt) -> None:
+    """Load what :func:`save_sharded` wrote into ``model`` and ``opt`` (built as when it was
+    saved: the same model, wrapping and world size)."""
+    import os
+
+    import torch.distributed.checkpoint as dcp
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is not a folder written by agip.checkpoint.save_sharded")
+    sd = {"model": model.state_dict(), "optim": _optimizer_state(opt)}
+    dcp.load(sd, checkpoint_id=path)  # tensors in place: the model's shards, AGIP's buffers
+    model.load_state_dict(sd["model"])
+    optim = sd["optim"]
+    optim["state"] = {i: {k: local(t) for k, t in st.items()} for i, st in optim["state"].items()}
+    opt.load_state_dict(optim)
+
+
+def save_full(path: str, model, tokenizer, opt=None, state: dict = None) -> None:
+    """One whole checkpoint (``model.safetensors``, ``masks.safetensors``, config and
+    tokenizer; this module's layout) that a single process reads (``agip eval``),
+    written by rank 0 from the gathered shards. Every rank must call it (a collective)."""
+    import torch.distributed as dist
+
+    weights = full_state(model)
+    masks = optimizer_masks(opt) if opt is not None else None
+    if rank() == 0:
+        save(path, model, tokenizer, weights=weights, masks=masks, state=state)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -9,8 +9,9 @@ import os
 import sys
 
 from .methods import METHODS
-from .optimizer import FISHER_POWERS, PRESETS, SALIENCIES
-from .train import PRESET_LR, FinetuneConfig
+from .backends import BACKENDS
+from .config import FISHER_POWERS, PRESETS, SALIENCIES
+from .train import FinetuneConfig
 
 
 def _add_finetune(sub):
@@ -26,7 +27,7 @@ def _add_finetune(sub):
     p.add_argument("--preset", default=d.preset, choices=tuple(PRESETS),
                    help="default: the product default (Fisher score, chosen on validation data); thesis: the "
                         "thesis' method exactly. Options given explicitly override the preset. "
-                        + "; ".join(f"{k}: {v}, lr {PRESET_LR[k]}" for k, v in PRESETS.items()))
+                        + "; ".join(f"{k}: {v.options}, lr {v.harness_lr}" for k, v in PRESETS.items()))
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per training sequence")
@@ -55,7 +56,7 @@ def _add_finetune(sub):
     p.add_argument("--stability", dest="stability", action="store_true", default=d.stability,
                    help="slow the sparsity ramp while the loss oscillates (default: the preset's)")
     p.add_argument("--no-stability", dest="stability", action="store_false", help="ramp sparsity regardless of the loss")
-    p.add_argument("--backend", default=d.backend, choices=("auto", "reference", "cpp", "triton", "cuda"))
+    p.add_argument("--backend", default=d.backend, choices=("auto",) + BACKENDS)
     p.add_argument("--fp32", dest="bf16", action="store_false", help="no bf16 autocast")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--eval-split", default=d.eval_split, choices=("validation", "test"))

@@ -115,6 +115,17 @@ def pydoc_topics() -> Dict[str, List[str]]:
 EVAL_ONLY = ("pydoc",)
 
 
+def check_corpus_name(name: str) -> None:
+    """Refuse a corpus name :func:`load_corpus` cannot read, without reading anything."""
+    if not isinstance(name, str) or not (name in ("wiki-mini", "pydoc") or name.startswith("wikitext-")
+                                         or os.path.exists(name)):
+        raise ValueError(
+            f"unknown dataset {name!r}: use 'wiki-mini' (embedded), 'pydoc' (embedded, evaluation only), "
+            "'wikitext-2-raw-v1' (needs a network), or a path to a text file or a folder with train.txt / "
+            "validation.txt / test.txt"
+        )
+
+
 def load_corpus(name: str) -> Dict[str, List[str]]:
     """``wiki-mini`` (embedded), ``pydoc`` (embedded, evaluation only), ``wikitext-2-raw-v1``
     / ``wikitext-103-raw-v1`` (hub), or a path to the user's text. Every split must hold
@@ -125,13 +136,9 @@ def load_corpus(name: str) -> Dict[str, List[str]]:
         corpus = pydoc_topics()
     elif name.startswith("wikitext-"):
         corpus = wikitext2(name)
-    elif os.path.exists(name):
-        corpus = text_files(name)
     else:
-        raise ValueError(
-            f"unknown dataset {name!r}: use 'wiki-mini' (embedded), 'wikitext-2-raw-v1' (needs a network), "
-            "or a path to a text file or a folder with train.txt / validation.txt / test.txt"
-        )
+        check_corpus_name(name)
+        corpus = text_files(name)
     empty = [s for s in SPLITS if not "".join(corpus[s]).strip() and not (s == "train" and name in EVAL_ONLY)]
     if empty:
         raise ValueError(f"dataset {name!r}: the {', '.join(empty)} split is empty; give it some text")

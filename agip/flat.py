@@ -14,7 +14,8 @@ from typing import List, Optional
 
 import torch
 
-from .distributed import Comm, is_dtensor, local, wrap_like
+from .comm import Comm
+from .dtensor import is_dtensor, local, wrap_like
 
 
 @dataclass
@@ -67,7 +68,7 @@ class FlatState:
         self.device = devices.pop() if devices else torch.device("cpu")
         self.rebound_grads = 0
         self.rebound_params = 0
-        self.scratch: dict = {}  # backend-owned work buffers (e.g. histograms), keyed by backend
+        self.scratch: dict = {}  # a fused backend's state (agip.backends.fused.DriverState), by backend name
         self.buckets: List[Bucket] = []
         dtypes = []
         for g in param_groups:
@@ -142,10 +143,6 @@ class FlatState:
                 if s.mirrored:
                     local(s.param).copy_(b.w[s.start : s.start + s.numel].view(s.shape))
 
-    @property
-    def mirrored(self) -> bool:
-        return any(s.mirrored for b in self.buckets for s in b.slots)
-
     # --- binding --------------------------------------------------------------------
     def rebind_grads(self) -> None:
         """Make every parameter and every ``p.grad`` a view of its bucket again (docs/design.md:
@@ -207,15 +204,25 @@ class FlatState:
     def n_prunable(self) -> int:
         return sum(b.n_prunable for b in self.buckets)
 
-    @property
-    def numel(self) -> int:
-        return sum(b.numel for b in self.buckets)
-
     def prunable_slots(self):
         for b in self.buckets:
             for s in b.slots:
                 if s.start < b.n_prunable:
                     yield b, s
 
-    def n_pruned(self) -> int:
-        return sum(int(b.n_prunable - b.mask.sum().item()) for b in self.buckets)
+    # --- masks ----------------------------------------------------------------------
+    def apply_mask(self, b: Bucket, mask: torch.Tensor, start: int = 0, ema: Optional[torch.Tensor] = None) -> None:
+        """Set the mask of ``b``'s prunable entries ``[start, start + mask.numel())`` to
+        ``mask`` (bool, flat) and zero w, m, v where it is 0 (docs/algorithm.md §1.6). The
+        saliency EMA there becomes ``ema`` where given (the step's new EMA), and is zeroed
+        where the mask is 0 either way. Every path that changes a mask calls this."""
+        sl = slice(start, start + mask.numel())
+        drop = ~mask
+        for buf in (b.w, b.m, b.v):
+            buf[sl].masked_fill_(drop, 0)
+        if b.ema is not None:
+            if ema is not None:
+                b.ema[sl].copy_(ema.masked_fill(drop, 0))
+            else:
+                b.ema[sl].masked_fill_(drop, 0)
+        b.mask[sl].copy_(mask)

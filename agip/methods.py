@@ -27,13 +27,7 @@ class Method:
         import agip
 
         return agip.AGIP(agip.param_groups(model, weight_decay=cfg.weight_decay), lr=cfg.lr,
-                         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, ta_gamma=cfg.ta_gamma,
-                         ta_beta=cfg.ta_beta, ta_clip=cfg.ta_clip, ta_loss_floor=cfg.ta_loss_floor,
-                         target_sparsity=cfg.target_sparsity, schedule=cfg.schedule, total_steps=cfg.steps,
-                         prune_interval=cfg.prune_interval, regrow_fraction=cfg.regrow_fraction,
-                         saliency_ema=cfg.saliency_ema, stability=cfg.stability, saliency=cfg.saliency,
-                         fisher_power=cfg.fisher_power, preset=cfg.preset, backend=cfg.backend,
-                         sparsity_pattern=cfg.sparsity_pattern)
+                         weight_decay=cfg.weight_decay, backend=cfg.backend, **cfg.agip_options())
 
     def before_training(self, model, opt, calibration) -> bool:
         return False

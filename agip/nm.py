@@ -105,22 +105,6 @@ def select(flat, plan, n: int, m: int, k: int):
     return masks, theta
 
 
-def apply(flat, masks: dict) -> None:
-    """M' after the update: ``w, m, v (and the saliency EMA) * M'`` (algorithm.md §1.6)."""
-    for b in flat.buckets:
-        if id(b) not in masks:
-            continue
-        new = masks[id(b)]
-        P = b.n_prunable
-        drop = ~new
-        b.w[:P].masked_fill_(drop, 0)
-        b.m[:P].masked_fill_(drop, 0)
-        b.v[:P].masked_fill_(drop, 0)
-        if b.ema is not None:
-            b.ema.masked_fill_(drop, 0)
-        b.mask.copy_(new)
-
-
 def groups_to_prune(ratio: float, n: int, m: int, total: int) -> int:
     """k = floor(R_t / (N/M) * G): the share of groups the schedule asks for."""
     return min(total, int(math.floor(ratio * m * total / n))) if ratio > 0 else 0

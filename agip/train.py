@@ -13,17 +13,13 @@ from typing import Optional
 
 import torch
 
-from . import checkpoint, distributed, methods
-from .data import EVAL_ONLY, join, load_corpus
+from . import backends, checkpoint, launch, methods
+from .config import PRESETS, Config
+from .data import EVAL_ONLY, check_corpus_name, join, load_corpus
 from .evaluate import perplexity
 from .models import EMBEDDED, context_length, load_model
-from .optimizer import PRESETS
 
 METHODS = tuple(methods.METHODS)  # agip/methods.py: one object per method, the same hooks
-# The harness' learning rate per preset (the optimizer's own default stays 5e-5): the
-# thesis' 5e-5, and for the product default the lr chosen for dense fine-tuning on the
-# validation split (README, "Quality study").
-PRESET_LR = {"thesis": 5e-5, "default": 1e-4}
 
 
 @dataclass
@@ -39,7 +35,7 @@ class FinetuneConfig:
     batch_size: int = 4
     block_size: int = 256
     grad_accum: int = 1
-    lr: Optional[float] = None  # None: the preset's (PRESET_LR)
+    lr: Optional[float] = None  # None: the preset's (agip.config.PRESETS, harness_lr)
     lr_warmup: float = 0.05  # share of steps with a linear LR warm-up, then linear decay to 0
     weight_decay: float = 0.01
     max_grad_norm: Optional[float] = 1.0
@@ -71,7 +67,6 @@ class FinetuneConfig:
     resume: bool = False
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard) instead of DDP (docs/algorithm.md §6)
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
         def need(cond, msg):
@@ -96,13 +91,23 @@ class FinetuneConfig:
         need(not self.fsdp or self.method in ("agip", "adamw"),
              f"--fsdp runs --method agip or adamw; the baselines' masks ({self.method}) need whole weights: run "
              "them with DDP (torchrun without --fsdp) or in one process")
+        need(self.backend in backends.BACKENDS + ("auto",),
+             f"--backend must be 'auto' or one of {backends.BACKENDS}, got {self.backend!r}")
+        check_corpus_name(self.dataset)
+        if self.eval_ood:
+            check_corpus_name(self.eval_ood)
+        if self.method == "agip":  # the optimizer's own checks (patterns, targets, TA...), before any loading
+            Config.resolve(**self.agip_options())
 
-
-# Within one process (a study grid), a corpus is loaded once, and the perplexity of a
-# freshly loaded model is measured once per protocol setting: both are pure functions of
-# their keys.
-_corpora: dict = {}
-_fresh_ppl: dict = {}
+    def agip_options(self) -> dict:
+        """The AGIP optimizer's options of this run (agip.AGIP's keyword arguments beyond lr,
+        weight_decay and backend)."""
+        return dict(preset=self.preset, max_grad_norm=self.max_grad_norm, ta_gamma=self.ta_gamma,
+                    ta_beta=self.ta_beta, ta_clip=self.ta_clip, ta_loss_floor=self.ta_loss_floor,
+                    target_sparsity=self.target_sparsity, schedule=self.schedule, total_steps=self.steps,
+                    prune_interval=self.prune_interval, regrow_fraction=self.regrow_fraction,
+                    saliency_ema=self.saliency_ema, stability=self.stability, saliency=self.saliency,
+                    fisher_power=self.fisher_power, sparsity_pattern=self.sparsity_pattern)
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -141,191 +146,223 @@ def lr_lambda(cfg: FinetuneConfig):
     return f
 
 
-def finetune(cfg: FinetuneConfig) -> dict:
+class EvalCache:
+    """What the runs of one process (a study grid) share: each corpus, loaded once, and the
+    perplexity of a freshly loaded model per protocol setting (both pure functions of their
+    keys). Pass one to several :func:`finetune` calls; each call makes its own otherwise."""
+
+    def __init__(self):
+        self.corpora: dict = {}
+        self.fresh: dict = {}
+
+    def corpus(self, name: str) -> dict:
+        if name not in self.corpora:
+            self.corpora[name] = load_corpus(name)
+        return self.corpora[name]
+
+
+class Batches:
+    """The training batches: sample i of the run is block ``order[epoch][i % n_blocks]``, a
+    pure function of the step, so a resumed run reads exactly the batches it would have
+    read; with several processes each step's global batch has ``world * batch_size``
+    blocks, part r being rank r's."""
+
+    def __init__(self, train_ids: torch.Tensor, cfg: FinetuneConfig, rank: int, world: int, device):
+        self.n_blocks = train_ids.numel() // cfg.block_size
+        if self.n_blocks < 1:
+            raise ValueError(f"the train split has {train_ids.numel()} tokens, fewer than one block of {cfg.block_size}")
+        self.blocks = train_ids[: self.n_blocks * cfg.block_size].view(self.n_blocks, cfg.block_size)
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+
+    def __call__(self, step: int, micro: int, part: Optional[int] = None, parts: Optional[int] = None):
+        cfg = self.cfg
+        part, parts = (self.rank, self.world) if part is None else (part, parts)
+        first = ((step * cfg.grad_accum + micro) * parts + part) * cfg.batch_size
+        idx = []
+        for i in range(first, first + cfg.batch_size):
+            epoch, pos = divmod(i, self.n_blocks)
+            order = torch.randperm(self.n_blocks, generator=torch.Generator().manual_seed(cfg.seed * 1000003 + epoch))
+            idx.append(int(order[pos]))
+        return self.blocks[idx].to(self.device)
+
+    def calibration(self) -> list:
+        """The calibration blocks of one-shot baselines: the same on every rank, so every rank
+        finds the same masks."""
+        return [self(i, 0, 0, 1) for i in range(max(1, self.cfg.calibration_blocks // self.cfg.batch_size))]
+
+
+class Evaluator:
+    """Perplexity by docs/design.md's protocol for one run: owns L, the stride, the token ids
+    of each (corpus, split) and the cache of a freshly loaded model's figures."""
+
+    def __init__(self, cfg: FinetuneConfig, model, tok, rank: int, world: int, show: bool, cache: EvalCache):
+        ctx = context_length(model)
+        self.L = cfg.eval_seq_len or min(1024, ctx)
+        if self.L > ctx or cfg.block_size > ctx:
+            raise ValueError(f"the model's context is {ctx} tokens: --eval-seq-len ({self.L}) and --block-size "
+                             f"({cfg.block_size}) must not exceed it")
+        self.stride = cfg.eval_stride or self.L
+        self.cfg, self.model, self.tok, self.rank, self.world, self.show, self.cache = cfg, model, tok, rank, world, show, cache
+        self._ids: dict = {}
+
+    def ids(self, name: str, split: str) -> torch.Tensor:
+        if (name, split) not in self._ids:
+            ids = tokenize(self.tok, join(self.cache.corpus(name)[split]))
+            self._ids[name, split] = ids[: self.cfg.eval_max_tokens] if self.cfg.eval_max_tokens else ids
+        return self._ids[name, split]
+
+    def __call__(self, name: str, split: str, desc: str, fresh: bool = False) -> dict:
+        key = (self.cfg.model, name, split, self.L, self.stride, self.cfg.eval_max_tokens)
+        if fresh and key in self.cache.fresh:  # a freshly loaded model: measured once per process
+            return self.cache.fresh[key]
+        res = perplexity(self.model, self.ids(name, split), self.L, self.stride, progress=self.show, rank=self.rank,
+                         world=self.world, desc=desc)
+        if fresh:
+            self.cache.fresh[key] = res
+        return res
+
+    def after(self) -> dict:
+        """The figures after training: in domain, and where asked validation and out of domain."""
+        cfg, out = self.cfg, {"ppl_after": self(self.cfg.dataset, self.cfg.eval_split, "ppl after")}
+        out["ppl_after_validation"] = self(cfg.dataset, "validation", "ppl validation") if cfg.eval_validation else None
+        out["ood_after"] = self(cfg.eval_ood, cfg.eval_split, f"ppl after ({cfg.eval_ood})") if cfg.eval_ood else None
+        out["ood_after_validation"] = (self(cfg.eval_ood, "validation", f"ppl validation ({cfg.eval_ood})")
+                                       if cfg.eval_ood and cfg.eval_validation else None)
+        return out
+
+
+@dataclass
+class RunState:
+    """What a run has done so far (``trainer_state.json`` of its checkpoints, with the config)."""
+
+    step: int = 0
+    before: Optional[dict] = None
+    ood_before: Optional[dict] = None
+    ppl_pruned: Optional[dict] = None
+    history: list = field(default_factory=list)
+    train_seconds: float = 0.0
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "RunState":
+        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
+
+    def record(self, step: int, loss: float, rep: dict, lr: float, scheduled: float, tokens: int,
+               seconds: float) -> None:
+        self.step, self.train_seconds = step, self.train_seconds + seconds
+        self.history.append({"step": step, "loss": loss, "lr": lr, "scheduled_sparsity": scheduled,
+                             "sparsity_prunable": rep["sparsity_prunable"], "sparsity_all": rep["sparsity_all"],
+                             "tokens_per_s": tokens / seconds})
+
+
+def save_run(cfg: FinetuneConfig, run: RunState, model, tok, opt, sched, world: int) -> str:
+    """The run's checkpoint (atomic; agip/checkpoint.py). With several processes: one whole
+    checkpoint (weights and masks) from rank 0, no optimizer state."""
+    path, state = os.path.join(cfg.out, "checkpoint"), {**dataclasses.asdict(run), "config": dataclasses.asdict(cfg)}
+    if world > 1:
+        checkpoint.save_full(path, model, tok, opt, state=state)
+    else:
+        checkpoint.save(path, model, tok, opt, sched, rng=get_rng_state(), state=state)
+    return path
+
+
+def build_report(cfg: FinetuneConfig, run: RunState, final: dict, after: dict, tokens_per_step: int, backend: str,
+                 ckpt: str) -> dict:
+    """The run's report (``report.json``; agip/report.py draws and writes it)."""
+    return {
+        "config": dataclasses.asdict(cfg),
+        "model": cfg.model, "dataset": cfg.dataset, "eval_split": cfg.eval_split,
+        "ppl_before": run.before, "ppl_pruned": run.ppl_pruned, "ppl_after": after["ppl_after"],
+        "ppl_after_validation": after["ppl_after_validation"],
+        "ood": cfg.eval_ood, "ood_before": run.ood_before, "ood_after": after["ood_after"],
+        "ood_after_validation": after["ood_after_validation"],
+        "sparsity_prunable": final["sparsity_prunable"], "sparsity_all": final["sparsity_all"],
+        "n_prunable": final["n_prunable"], "n_params": final["n_params"], "n_pruned": final["n_pruned"],
+        "skipped_steps": final["skipped_steps"], "layer_density": final["layer_density"],
+        "train_seconds": run.train_seconds,
+        "tokens_per_s": tokens_per_step * len(run.history) / max(run.train_seconds, 1e-9),
+        "train_tokens": tokens_per_step * cfg.steps, "backend": backend, "history": run.history, "checkpoint": ckpt,
+    }
+
+
+def finetune(cfg: FinetuneConfig, cache: Optional[EvalCache] = None) -> dict:
     """Run one fine-tuning job; returns the report (also written to ``cfg.out``)."""
-    cfg.check()
-    if cfg.lr is None:
-        cfg = dataclasses.replace(cfg, lr=PRESET_LR[cfg.preset])
+    cfg.check()  # every option, before anything is loaded
+    cfg = cfg if cfg.lr is not None else dataclasses.replace(cfg, lr=PRESETS[cfg.preset].harness_lr)
     from tqdm.auto import tqdm
 
     from .report import write_report
 
     # 0. several processes (torchrun): each rank trains on its part of every batch, under
     # DDP or FSDP2; rank 0 shows progress and writes the checkpoint and the report
-    rank, world, device, started = distributed.init_from_env()
-    if cfg.fsdp and world == 1:
-        raise ValueError("--fsdp shards the model over several processes: launch with torchrun --nproc_per_node N "
-                         "(N >= 2), e.g. torchrun --nproc_per_node 2 -m agip.cli finetune --fsdp")
-    if world > 1 and (cfg.resume or cfg.checkpoint_every):
-        raise ValueError("--resume and --checkpoint-every run in one process only for now; with several processes "
-                         "use agip.distributed.save_sharded / load_sharded from Python (docs/design.md)")
-    show = cfg.progress and rank == 0
-    torch.manual_seed(cfg.seed)
-    ckpt_dir = os.path.join(cfg.out, "checkpoint")
-    resuming = cfg.resume and checkpoint.is_checkpoint(ckpt_dir)
-    if cfg.resume and not resuming:
-        raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume first")
+    rank, world, device, started = launch.init_from_env()
+    try:
+        launch.check_world(cfg, world)
+        show, ckpt = cfg.progress and rank == 0, os.path.join(cfg.out, "checkpoint")
+        resuming = cfg.resume and checkpoint.is_checkpoint(ckpt)
+        if cfg.resume and not resuming:
+            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt}; run without --resume first")
+        torch.manual_seed(cfg.seed)
 
-    # 1. model, data, and the evaluation protocol's settings
-    if resuming:
-        model, tok, state = checkpoint.load_model(ckpt_dir)
-    else:
-        model, tok = load_model(cfg.model)
-        state = {}
-    model.to(device)
-    ctx = context_length(model)
-    L = cfg.eval_seq_len or min(1024, ctx)
-    if L > ctx or cfg.block_size > ctx:
-        raise ValueError(f"the model's context is {ctx} tokens: --eval-seq-len ({L}) and --block-size "
-                         f"({cfg.block_size}) must not exceed it")
-    stride = cfg.eval_stride or L
+        # 1. model, data, and the evaluation protocol's settings
+        model, tok, saved = checkpoint.load_model(ckpt) if resuming else (*load_model(cfg.model), {})
+        model.to(device)
+        run = RunState.from_dict(saved)
+        ev = Evaluator(cfg, model, tok, rank, world, show, cache or EvalCache())
+        batches = Batches(tokenize(tok, join(ev.cache.corpus(cfg.dataset)["train"])), cfg, rank, world, device)
 
-    def corpus(name: str) -> dict:
-        if name not in _corpora:
-            _corpora[name] = load_corpus(name)
-        return _corpora[name]
+        # 2. perplexity before fine-tuning (in domain, and out of domain if asked)
+        run.before = run.before or ev(cfg.dataset, cfg.eval_split, "ppl before", fresh=True)
+        if cfg.eval_ood and run.ood_before is None:
+            run.ood_before = ev(cfg.eval_ood, cfg.eval_split, f"ppl before ({cfg.eval_ood})", fresh=True)
 
-    def eval_ids_of(name: str, split: str) -> torch.Tensor:
-        ids = tokenize(tok, join(corpus(name)[split]))
-        return ids[: cfg.eval_max_tokens] if cfg.eval_max_tokens else ids
+        # 3. the method, its optimizer and LR schedule; resume, or prune one-shot methods here
+        train_model = launch.wrap(model, cfg.fsdp, world, device)  # FSDP2 shards before the optimizer
+        method = methods.make(cfg)
+        opt = method.optimizer(cfg, model)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+        if resuming:
+            blob = checkpoint.load_training_state(ckpt)
+            opt.load_state_dict(blob["optimizer"])
+            sched.load_state_dict(blob["scheduler"])
+            set_rng_state(blob["rng"])
+        elif method.before_training(model, opt, batches.calibration):  # then the mask stays fixed
+            run.ppl_pruned = ev(cfg.dataset, cfg.eval_split, "ppl pruned")
 
-    train_ids = tokenize(tok, join(corpus(cfg.dataset)["train"]))
-    eval_ids = eval_ids_of(cfg.dataset, cfg.eval_split)
-    n_blocks = train_ids.numel() // cfg.block_size
-    if n_blocks < 1:
-        raise ValueError(f"the train split has {train_ids.numel()} tokens, fewer than one block of {cfg.block_size}")
-    blocks = train_ids[: n_blocks * cfg.block_size].view(n_blocks, cfg.block_size)
+        # 4. the training loop
+        model.train()
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size * world
+        bar = tqdm(range(run.step, cfg.steps), desc=f"fine-tune ({cfg.method}{f', {world} processes' if world > 1 else ''})",
+                   initial=run.step, total=cfg.steps, disable=not show)
+        for step in bar:
+            t0 = time.perf_counter()
+            for micro in range(cfg.grad_accum):
+                x = batches(step, micro)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    loss = train_model(x, labels=x).loss
+                (loss / cfg.grad_accum).backward()
+                opt.record_loss(loss)  # E_t: the mean of the micro-batch losses, over ranks (§0, §6)
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            method.after_step(step + 1, opt)  # before zero_grad: PLATON's score reads the step's gradient
+            opt.zero_grad()
+            rep = opt.sparsity_report()
+            run.record(step + 1, opt.last_loss, rep, lr, method.scheduled(step + 1, rep), tokens_per_step, time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{opt.last_loss:.3f}", R=f"{rep['scheduled_sparsity']:.3f}",
+                            sparsity=f"{rep['sparsity_prunable']:.3f}", tok_s=f"{run.history[-1]['tokens_per_s']:.0f}")
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                save_run(cfg, run, model, tok, opt, sched, world)
 
-    def batch(step: int, micro: int, part: int = rank, parts: int = world) -> torch.Tensor:
-        # sample i of the run is block order[epoch][i % n_blocks]: a pure function of the
-        # step, so a resumed run reads exactly the batches it would have read; with several
-        # processes each step's global batch has parts * batch_size blocks, part r is rank r's
-        first = ((step * cfg.grad_accum + micro) * parts + part) * cfg.batch_size
-        idx = []
-        for i in range(first, first + cfg.batch_size):
-            epoch, pos = divmod(i, n_blocks)
-            order = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(cfg.seed * 1000003 + epoch))
-            idx.append(int(order[pos]))
-        return blocks[idx].to(device)
-
-    # 2. perplexity before fine-tuning (in domain, and out of domain if asked)
-    def measure(name: str, split: str, ids: torch.Tensor, desc: str, fresh: bool = False) -> dict:
-        key = (cfg.model, name, split, L, stride, cfg.eval_max_tokens)
-        if fresh and key in _fresh_ppl:  # a freshly loaded model: measured once per process
-            return _fresh_ppl[key]
-        res = perplexity(model, ids, L, stride, progress=show, rank=rank, world=world, desc=desc)
-        if fresh:
-            _fresh_ppl[key] = res
-        return res
-
-    before = state.get("before") or measure(cfg.dataset, cfg.eval_split, eval_ids, "ppl before", fresh=True)
-    ood_ids = eval_ids_of(cfg.eval_ood, cfg.eval_split) if cfg.eval_ood else None
-    ood_before = state.get("ood_before")
-    if cfg.eval_ood and ood_before is None:
-        ood_before = measure(cfg.eval_ood, cfg.eval_split, ood_ids, f"ppl before ({cfg.eval_ood})", fresh=True)
-
-    # 3. the method, its optimizer, the LR schedule, resume (FSDP2 shards the model before
-    # the optimizer is built on its shards; DDP wraps it for training only)
-    train_model = model
-    if cfg.fsdp:
-        distributed.shard_model(model)
-    elif world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    method = methods.make(cfg)
-    opt = method.optimizer(cfg, model)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    history, start, train_time = state.get("history", []), 0, state.get("train_seconds", 0.0)
-    if resuming:
-        blob = checkpoint.load_training_state(ckpt_dir)
-        opt.load_state_dict(blob["optimizer"])
-        sched.load_state_dict(blob["scheduler"])
-        set_rng_state(blob["rng"])
-        start = state["step"]
-
-    pruned = state.get("ppl_pruned")
-    if not resuming:  # one-shot methods prune here, then the mask stays fixed
-
-        def calibration():  # the same blocks on every rank: every rank finds the same masks
-            return [batch(i, 0, 0, 1) for i in range(max(1, cfg.calibration_blocks // cfg.batch_size))]
-
-        if method.before_training(model, opt, calibration):
-            pruned = perplexity(model, eval_ids, L, stride, progress=show, rank=rank, world=world, desc="ppl pruned")
-
-    def save_checkpoint(step):
-        state = {"step": step, "before": before, "ood_before": ood_before, "ppl_pruned": pruned,
-                 "history": history, "train_seconds": train_time, "config": dataclasses.asdict(cfg)}
-        if world > 1:  # one whole checkpoint (weights and masks) from rank 0, no optimizer state
-            distributed.save_full(ckpt_dir, model, tok, opt, state=state)
-        else:
-            checkpoint.save(ckpt_dir, model, tok, opt, sched, rng=get_rng_state(), state=state)
-
-    # 4. the training loop
-    model.train()
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size * world
-    bar = tqdm(range(start, cfg.steps), desc=f"fine-tune ({cfg.method}{f', {world} processes' if world > 1 else ''})",
-               initial=start, total=cfg.steps, disable=not show)
-    for step in bar:
-        t0 = time.perf_counter()
-        losses = []
-        for micro in range(cfg.grad_accum):
-            x = batch(step, micro)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = train_model(x, labels=x).loss
-            (loss / cfg.grad_accum).backward()
-            losses.append(loss.item())
-        # docs/algorithm.md §0, §6: the mean of the micro-batch losses, over all ranks (the
-        # optimizer's own mean over ranks then changes nothing)
-        E = distributed.mean_over_ranks(sum(losses) / len(losses), device)
-        lr = sched.get_last_lr()[0]
-        opt.step(loss=E)
-        sched.step()
-        method.after_step(step + 1, opt)  # before zero_grad: PLATON's score reads the step's gradient
-        opt.zero_grad()
-        dt = time.perf_counter() - t0
-        train_time += dt
-        rep = opt.sparsity_report()
-        history.append({"step": step + 1, "loss": E, "lr": lr, "scheduled_sparsity": method.scheduled(step + 1, rep),
-                        "sparsity_prunable": rep["sparsity_prunable"], "sparsity_all": rep["sparsity_all"],
-                        "tokens_per_s": tokens_per_step / dt})
-        bar.set_postfix(loss=f"{E:.3f}", R=f"{rep['scheduled_sparsity']:.3f}",
-                        sparsity=f"{rep['sparsity_prunable']:.3f}", tok_s=f"{tokens_per_step / dt:.0f}")
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(step + 1)
-
-    # 5. perplexity after, checkpoint, report
-    after = perplexity(model, eval_ids, L, stride, progress=show, rank=rank, world=world, desc="ppl after")
-    after_validation = ood_after = ood_after_validation = None
-    if cfg.eval_validation:
-        after_validation = measure(cfg.dataset, "validation", eval_ids_of(cfg.dataset, "validation"), "ppl validation")
-    if cfg.eval_ood:
-        ood_after = measure(cfg.eval_ood, cfg.eval_split, ood_ids, f"ppl after ({cfg.eval_ood})")
-        if cfg.eval_validation:
-            ood_after_validation = measure(cfg.eval_ood, "validation", eval_ids_of(cfg.eval_ood, "validation"),
-                                           f"ppl validation ({cfg.eval_ood})")
-    save_checkpoint(cfg.steps)
-    final = opt.sparsity_report()
-    report = {
-        "config": dataclasses.asdict(cfg),
-        "model": cfg.model, "dataset": cfg.dataset, "eval_split": cfg.eval_split,
-        "ppl_before": before, "ppl_pruned": pruned, "ppl_after": after, "ppl_after_validation": after_validation,
-        "ood": cfg.eval_ood, "ood_before": ood_before, "ood_after": ood_after,
-        "ood_after_validation": ood_after_validation,
-        "sparsity_prunable": final["sparsity_prunable"], "sparsity_all": final["sparsity_all"],
-        "n_prunable": final["n_prunable"], "n_params": final["n_params"], "n_pruned": final["n_pruned"],
-        "skipped_steps": final["skipped_steps"], "layer_density": final["layer_density"],
-        "train_seconds": train_time, "tokens_per_s": tokens_per_step * len(history) / max(train_time, 1e-9),
-        "train_tokens": tokens_per_step * cfg.steps, "backend": opt.backend.__name__.rsplit(".", 1)[-1],
-        "history": history, "checkpoint": ckpt_dir,
-    }
-    if rank == 0:
-        write_report(report, cfg.out)
-    if started:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
-    return report
+        # 5. perplexity after, checkpoint, report
+        after = ev.after()
+        ckpt = save_run(cfg, run, model, tok, opt, sched, world)
+        report = build_report(cfg, run, opt.sparsity_report(), after, tokens_per_step,
+                              opt.backend.__name__.rsplit(".", 1)[-1], ckpt)
+        if rank == 0:
+            write_report(report, cfg.out)
+        return report
+    finally:
+        launch.teardown(started)
 
 
 def summary(report: dict) -> str:

@@ -31,8 +31,8 @@ def optimizer_bytes(opt) -> dict:
         out["ema"] += b.ema.nbytes if b.ema is not None else 0
         # FSDP2's local shards are copied into the bucket; otherwise the bucket is the parameters
         out["w copy"] += sum(s.numel for s in b.slots if s.mirrored) * b.w.element_size()
-    for scratch in opt._flat.scratch.values():
-        out["histograms"] += sum(t.nbytes for t in scratch.values() if hasattr(t, "nbytes"))
+    for state in opt._flat.scratch.values():  # the fused driver's histograms and kept keys
+        out["histograms"] += state.nbytes()
     return out
 
 
@@ -49,7 +49,7 @@ def worker(model_name: str, mode: str, out: str) -> None:
     import torch.distributed as dist
 
     import agip
-    from agip.distributed import shard_model
+    from agip.launch import shard_model
     from agip.models import load_model
 
     dist.init_process_group("gloo")

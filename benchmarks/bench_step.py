@@ -137,7 +137,8 @@ def main(argv=None):
                 if kind == "prune-first":  # as a first pruning step: no previous theta, full histogram
 
                     def first(o=opt, name=name):
-                        o._flat.scratch.get(name, {}).pop("theta_bin", None)
+                        if name in o._flat.scratch:
+                            o._flat.scratch[name].forget_theta()
                         o.step(loss=2.5)
 
                     configs[(name, kind)] = first

@@ -63,7 +63,8 @@ def main(argv=None):
 
         def select(module=module, flat=flat, plan=plan, name=name, cold=False):
             if cold:  # no previous theta: the first pruning step histograms every entry
-                flat.scratch.get(name, {}).pop("theta_bin", None)
+                if name in flat.scratch:
+                    flat.scratch[name].forget_theta()
             module.grad_sumsq(flat, plan)
             return module.select(flat, plan).theta
 

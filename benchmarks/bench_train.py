@@ -64,7 +64,7 @@ def make_configs(model, backend: str, total_steps: int):
         opt.step(loss=loss)
         opt.zero_grad()
 
-    configs[f"AGIP pruning every step ({opt.config.get('saliency', 'taylor')}), {backend}"] = (m, agip_step)
+    configs[f"AGIP pruning every step ({opt.config.saliency}), {backend}"] = (m, agip_step)
     return configs
 
 

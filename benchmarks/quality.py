@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from agip import checkpoint  # noqa: E402
-from agip.train import FinetuneConfig, finetune  # noqa: E402
+from agip.train import EvalCache, FinetuneConfig, finetune  # noqa: E402
 
 LRS = (5e-5, 1e-4, 2e-4)
 # candidates for the product default: (label, overrides of FinetuneConfig)
@@ -56,7 +56,7 @@ def run_key(method, overrides, target, seed, lr, steps):
 
 class Study:
     def __init__(self, args):
-        self.args = args
+        self.args, self.cache = args, EvalCache()
         self.path = os.path.join(args.out, f"study-{args.steps}.json")
         self.common = dict(model=args.model, dataset=args.dataset, steps=args.steps, batch_size=args.batch_size,
                            block_size=args.block_size, eval_max_tokens=args.eval_max_tokens,
@@ -84,7 +84,7 @@ class Study:
                                 "out": out, **overrides})
         t0 = time.time()
         print(f"[{phase}] {label} r={target} seed={seed} lr={lr:g} ...", flush=True)
-        rep = finetune(cfg)
+        rep = finetune(cfg, cache=self.cache)  # the grid shares corpora and the fresh model's figures
 
         def ppl(x):
             return x["ppl"] if x else None

@@ -10,6 +10,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "agip_math.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -39,20 +41,8 @@ inline uint32_t float_bits(float x) {
   return b;
 }
 
-// The score's constants, rounded to fp32 once on the host (every backend multiplies by
-// the very same numbers). fisher_q < 0: Taylor |w g|; else Fisher |w| v_t^(q/4).
-struct ScoreArgs {
-  float keep, fresh, clip, beta2, omb2;
-};
-
-// v_t^(Q/4) with correctly rounded square roots only, so every backend rounds alike.
-template <int Q>
-inline float fisher_factor(float vt) {
-  if constexpr (Q == 0) return 1.f;
-  else if constexpr (Q == 1) return std::sqrt(std::sqrt(vt));
-  else if constexpr (Q == 2) return std::sqrt(vt);
-  else return vt;
-}
+using agip::ScoreArgs;
+using agip::UpdateArgs;
 
 // The score of entry i (algorithm.md §2.1, §2.1b) from pre-update w, raw g (Taylor) or
 // v_t = beta2 v + (1 - beta2) ghat^2 with ghat = g M c (Fisher), then its EMA; every
@@ -60,15 +50,13 @@ inline float fisher_factor(float vt) {
 template <int SCORE, bool HAS_EMA, typename T>
 inline float saliency(const T* __restrict__ w, const T* __restrict__ g, const T* __restrict__ v,
                       const uint8_t* __restrict__ mk, const float* __restrict__ ema, int64_t i, const ScoreArgs& a) {
-  float s;
-  if constexpr (SCORE < 0) {
-    s = std::fabs(static_cast<float>(w[i]) * static_cast<float>(g[i]));
-  } else {
+  float vt = 0.f;
+  if constexpr (SCORE >= 0) {
     const float ghat = static_cast<float>(g[i]) * static_cast<float>(mk[i]) * a.clip;
-    const float vt = static_cast<float>(v[i]) * a.beta2 + a.omb2 * ghat * ghat;
-    s = std::fabs(static_cast<float>(w[i])) * fisher_factor<SCORE>(vt);
+    vt = agip::second_moment(static_cast<float>(v[i]), ghat, a.beta2, a.omb2);
   }
-  if constexpr (HAS_EMA) s = ema[i] * a.keep + s * a.fresh;
+  float s = agip::score<SCORE>(static_cast<float>(w[i]), static_cast<float>(g[i]), vt);
+  if constexpr (HAS_EMA) s = ema[i] * a.ema_keep + s * a.ema_new;
   return s;
 }
 
@@ -222,8 +210,17 @@ void check_hist(const torch::Tensor& h) {
 }
 
 ScoreArgs score_args(double clip, double beta2, double omb2, double ema_keep, double ema_new) {
-  return ScoreArgs{static_cast<float>(ema_keep), static_cast<float>(ema_new), static_cast<float>(clip),
-                   static_cast<float>(beta2), static_cast<float>(omb2)};
+  return ScoreArgs{static_cast<float>(clip), static_cast<float>(beta2), static_cast<float>(omb2),
+                   static_cast<float>(ema_keep), static_cast<float>(ema_new)};
+}
+
+// UpdateArgs from agip.backends.UpdateArgs.numbers(), rounded to fp32 once.
+UpdateArgs update_args(const std::vector<double>& x) {
+  TORCH_CHECK(x.size() == agip::UPDATE_ARGS, "update takes ", agip::UPDATE_ARGS, " numbers (UpdateArgs), got ",
+              x.size());
+  float f[agip::UPDATE_ARGS];
+  for (int i = 0; i < agip::UPDATE_ARGS; ++i) f[i] = static_cast<float>(x[i]);
+  return UpdateArgs{f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11], f[12]};
 }
 
 // Candidate keys collected by pass A: the in-window keys whose first digit lies in the band
@@ -414,11 +411,11 @@ void refine_keys(torch::Tensor cand, int64_t n, int64_t prefix, torch::Tensor hi
 
 template <typename T, bool PRUNABLE, bool PRUNE_STEP, int SCORE, bool HAS_EMA>
 void update_range(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ v,
-                  uint8_t* __restrict__ mask, float* __restrict__ ema, int64_t lo, int64_t hi, const float* args) {
+                  uint8_t* __restrict__ mask, float* __restrict__ ema, int64_t lo, int64_t hi, const UpdateArgs a) {
   // scalars in locals: loads through a struct inside the loop block vectorization
-  const float decay = args[0], lw = args[1], beta2 = args[2], omb2 = args[3], step_size = args[4],
-              bc2_sqrt = args[5], eps = args[6], clip = args[7], neg_lr_s = args[8], theta = args[9],
-              regrow_theta = args[10], keep = args[11], fresh = args[12];
+  const float decay = a.decay, lw = a.lerp_weight, beta2 = a.beta2, omb2 = a.one_minus_beta2,
+              step_size = a.step_size, bc2_sqrt = a.bc2_sqrt, eps = a.eps, clip = a.clip, neg_lr_s = a.neg_lr_s,
+              theta = a.theta, regrow_theta = a.regrow_theta, keep = a.ema_keep, fresh = a.ema_new;
   const float one_minus_lw = 1.0f - lw;
   const bool small = lw < 0.5f;
   const float inf = std::numeric_limits<float>::infinity();
@@ -433,17 +430,11 @@ void update_range(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m,
     } else {
       ghat = gi * clip;
     }
-    // AdamW as torch computes it: decay, lerp, addcmul, bias-corrected addcdiv
-    wi = wi * decay;
-    const float m_small = mi + lw * (ghat - mi), m_large = ghat - (ghat - mi) * one_minus_lw;
-    mi = small ? m_small : m_large;
-    vi = vi * beta2 + omb2 * ghat * ghat;  // v_t: the Fisher score reads this very value
-    const float denom = std::sqrt(vi) / bc2_sqrt + eps;
-    wi = wi + step_size * (mi / denom);
-    wi = wi + neg_lr_s * ghat;  // terminal attractor: w -= lr * s * ghat
+    // AdamW and the terminal attractor; vi becomes v_t, which the Fisher score reads
+    agip::adamw(wi, mi, vi, ghat, decay, lw, one_minus_lw, small, beta2, omb2, step_size, bc2_sqrt, eps, neg_lr_s);
     if constexpr (PRUNABLE) {
       // the score from pre-update w and raw g (Taylor) or v_t (Fisher), as in stats/refine
-      float s = SCORE < 0 ? std::fabs(w0 * gi) : std::fabs(w0) * fisher_factor<(SCORE < 0 ? 0 : SCORE)>(vi);
+      float s = agip::score<SCORE>(w0, gi, vi);
       if constexpr (HAS_EMA) s = ema[i] * keep + s * fresh;
       bool kept = act != 0.f;
       if constexpr (PRUNE_STEP) {
@@ -462,21 +453,17 @@ void update_range(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m,
   }
 }
 
-// Pass C over [start, end) of one bucket (one param group's range).
+// Pass C over [start, end) of one bucket (one param group's range); numbers are
+// agip.backends.UpdateArgs.numbers(), the flags its last three fields.
 void update(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor v, torch::Tensor mask,
-            c10::optional<torch::Tensor> ema, int64_t start, int64_t end, double decay, double lerp_weight,
-            double beta2, double step_size, double bc2_sqrt, double eps, double clip, double neg_lr_s, double theta,
-            double regrow_theta, double ema_keep, double ema_new, bool prunable, bool prune_step, int64_t fisher_q) {
+            c10::optional<torch::Tensor> ema, int64_t start, int64_t end, std::vector<double> numbers, bool prunable,
+            bool prune_step, int64_t fisher_q) {
   check_bucket(w, "w");
   TORCH_CHECK(g.scalar_type() == w.scalar_type() && m.scalar_type() == w.scalar_type() && v.scalar_type() == w.scalar_type(),
               "w, g, m, v must share a dtype");
   TORCH_CHECK(0 <= start && start <= end && end <= w.numel(), "bad range");
   TORCH_CHECK(!prunable || end <= mask.numel(), "a prunable range must lie inside the mask");
-  const float args[13] = {static_cast<float>(decay), static_cast<float>(lerp_weight), static_cast<float>(beta2),
-                          static_cast<float>(1.0 - beta2), static_cast<float>(step_size), static_cast<float>(bc2_sqrt),
-                          static_cast<float>(eps), static_cast<float>(clip), static_cast<float>(neg_lr_s),
-                          static_cast<float>(theta), static_cast<float>(regrow_theta), static_cast<float>(ema_keep),
-                          static_cast<float>(ema_new)};
+  const UpdateArgs args = update_args(numbers);
   uint8_t* mk = const_cast<uint8_t*>(mask_ptr(mask));
   float* em = (prunable && ema.has_value()) ? ema->data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "agip_update", [&] {

@@ -4,7 +4,10 @@
 Bytes per parameter (fp32): reads w, g, m, v (16 B) and writes w, m, v (12 B): 28 B for
 non-prunable entries; prunable entries also read the mask (1 B), and on pruning steps
 write it (1 B); a saliency EMA adds 4 B read + 4 B write. So a non-pruning step (with
-pass A's 5 B) moves <= 34 B, a pruning step (with passes A and B, 18 B) <= 48 B.
+pass A's 5 B) moves <= 34 B. A Taylor pruning step: pass A 9 B, pass B 9 B (one refine
+pass; a second digit outside the window costs another pass A), pass C 30 B: <= 48 B. A
+Fisher pruning step: pass A 5 B, the score's own pass A' 13 B (it needs the clip factor),
+pass B 13 B, pass C 30 B: <= 61 B.
 """
 import triton
 import triton.language as tl
@@ -14,7 +17,7 @@ from . import BLOCK, score
 
 @triton.jit
 def _update_kernel(w_ptr, g_ptr, m_ptr, v_ptr, mask_ptr, ema_ptr, start, end,
-                   decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
+                   decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,  # UpdateArgs' numbers
                    clip, neg_lr_s, theta, regrow_theta, ema_keep, ema_new,
                    PRUNABLE: tl.constexpr, PRUNE_STEP: tl.constexpr, SCORE: tl.constexpr, HAS_EMA: tl.constexpr,
                    BLOCK: tl.constexpr):
@@ -59,16 +62,15 @@ def _update_kernel(w_ptr, g_ptr, m_ptr, v_ptr, mask_ptr, ema_ptr, start, end,
     tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=inb)
 
 
-def update(w, g, m, v, mask, ema, start, end, *, decay, lerp_weight, beta2, step_size, bc2_sqrt, eps,
-           clip, neg_lr_s, theta, regrow_theta, ema_keep, ema_new, prunable, prune_step, fisher_q=-1, block=BLOCK):
-    """Launch pass C over ``[start, end)`` of one bucket (one param group's range)."""
+def update(w, g, m, v, mask, ema, start, end, args, block=BLOCK):
+    """Launch pass C over ``[start, end)`` of one bucket (one param group's range);
+    ``args`` is an :class:`agip.backends.UpdateArgs` (its numbers in the kernel's order)."""
     nblocks = triton.cdiv(end - start, block)
     if nblocks == 0:
         return
     _update_kernel[(nblocks,)](
-        w, g, m, v, mask, ema if ema is not None else w, start, end,
-        decay, lerp_weight, beta2, 1.0 - beta2, step_size, bc2_sqrt, eps,
-        clip, neg_lr_s, theta, regrow_theta, ema_keep, ema_new,
-        PRUNABLE=prunable, PRUNE_STEP=prune_step, SCORE=fisher_q, HAS_EMA=prunable and ema is not None,
+        w, g, m, v, mask, ema if ema is not None else w, start, end, *args.numbers(),
+        PRUNABLE=args.prunable, PRUNE_STEP=args.prune_step, SCORE=args.fisher_q,
+        HAS_EMA=args.prunable and ema is not None,
         BLOCK=block, enable_fp_fusion=False,  # saliency and mask must match the reference bit for bit
     )

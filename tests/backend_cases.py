@@ -92,8 +92,11 @@ def ulps(a, b, before=None, mantissa_bits=23):
 # evaluate the same fp32 formulas as the reference, but torch's CPU kernels use fused
 # multiply-adds (lerp, addcmul) where the fused kernels round each product, so m and v
 # may differ by 1 ulp; w sums three terms (decay, Adam step, TA step), each carrying up
-# to 1 ulp: <= 3 ulps. Seen over 50 random states (triton): w 2.9, m 1.0, v 1.0.
-MAX_ULPS = 4
+# to 1 ulp: <= 3 ulps. Seen over 50 random states (triton): w 2.9, m 1.0, v 1.0. On an
+# AMD EPYC, where torch's CPU kernels round differently, one optimizer-level step of the
+# triton interpreter reached 4.9 on an embedding row (test_backends_optimizer, Fisher 1/4,
+# step 6, with HEAD's code before the redesign too): 6.
+MAX_ULPS = 6
 
 # layout, pruned fraction before, k fraction, regrowth, ema, pruning step
 CASES = [
@@ -152,7 +155,8 @@ def compare_over_steps(backend, k_fracs, device="cpu", regrow=0.0, rho=0.0, layo
     reference at every step. Before each step the backend's buffers are set to the
     reference's, so ulp-level drift in w cannot move the boundary. ``fresh_grads=False``
     keeps the first step's gradients, so the scores drift as in training (theta moves by
-    less each step of a ramp); ``scratch`` (a dict) receives the backend's scratch state."""
+    less each step of a ramp); ``scratch`` (a dict) receives the fields of the backend's
+    :class:`~agip.backends.fused.DriverState`."""
     from agip.backends import reference
 
     ref, _ = make_flat(layout, pruned=0.0, ema=rho > 0)
@@ -172,9 +176,10 @@ def compare_over_steps(backend, k_fracs, device="cpu", regrow=0.0, rho=0.0, layo
         for rb, ob in zip(ref.buckets, other.buckets):
             assert torch.equal(rb.mask, ob.mask.cpu()), step
         thetas.append(sel.theta)
+    state = other.scratch[backend._driver.name]
     if scratch is not None:
-        scratch.update(other.scratch[backend._driver.name])
-    return thetas, other.scratch[backend._driver.name].get("window_misses", 0)
+        scratch.update(vars(state))
+    return thetas, state.window_misses
 
 
 def sync_optimizers(src_model, src_opt, dst_model, dst_opt):

@@ -20,6 +20,8 @@ if not torch.cuda.is_available():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running; deselected by default (run with -m slow)")
+    config.addinivalue_line("markers", "integration: runs subprocesses (torchrun, the CLI, benchmarks); in the "
+                            "default run (-m \"not integration\" leaves them out for a quick check)")
 
 
 class Block(nn.Module):

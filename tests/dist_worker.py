@@ -114,23 +114,23 @@ def train(wrapped, opt, steps, thetas: list) -> None:
 def run(mode: str, backend: str, saliency: str, flags, folder: str) -> dict:
     """This rank's part of one distributed run; returns what rank 0 writes. ``flags``:
     ``bucket`` (DDP's gradient_as_bucket_view), ``resume`` (stop half-way, save the shards
-    with agip.distributed.save_sharded, rebuild everything, load, go on), ``full`` (write a
-    whole checkpoint with agip.distributed.save_full at the end)."""
-    from agip import distributed
+    with agip.checkpoint.save_sharded, rebuild everything, load, go on), ``full`` (write a
+    whole checkpoint with agip.checkpoint.save_full at the end)."""
+    from agip import checkpoint
 
     model, wrapped, opt = build(mode, backend, saliency, "bucket" in flags)
     thetas = []
     if "resume" in flags:
         ckpt = os.path.join(folder, f"sharded-{mode}")
         train(wrapped, opt, range(STEPS // 2), thetas)
-        distributed.save_sharded(ckpt, model, opt)
+        checkpoint.save_sharded(ckpt, model, opt)
         model, wrapped, opt = build(mode, backend, saliency, "bucket" in flags)
-        distributed.load_sharded(ckpt, model, opt)
+        checkpoint.load_sharded(ckpt, model, opt)
         train(wrapped, opt, range(STEPS // 2, STEPS), thetas)
     else:
         train(wrapped, opt, range(STEPS), thetas)
     if "full" in flags:
-        distributed.save_full(os.path.join(folder, f"full-{mode}"), model, None, opt, state={"steps": STEPS})
+        checkpoint.save_full(os.path.join(folder, f"full-{mode}"), model, None, opt, state={"steps": STEPS})
     weights, masks = full_state(model, opt)
     import torch.distributed as dist
 

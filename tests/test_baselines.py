@@ -114,6 +114,7 @@ def test_platon_score_is_the_papers_smoothed_taylor():
         baselines.PlatonScore(beta1=1.0)
 
 
+@pytest.mark.integration
 def test_quality_quick_runs_every_phase_and_resumes(gpt2_dir, corpus_dir, tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "quality.py"), "--quick", "--model", gpt2_dir,
            "--dataset", corpus_dir, "--out", str(tmp_path), "--block-size", "32", "--batch-size", "2",

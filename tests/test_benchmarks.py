@@ -4,9 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.integration
 def test_bench_step_writes_table_and_json(tmp_path):
     out = tmp_path / "step.json"
     res = subprocess.run(
@@ -24,6 +27,7 @@ def test_bench_step_writes_table_and_json(tmp_path):
     assert data["device"]
 
 
+@pytest.mark.integration
 def test_bench_threshold_agrees_with_kthvalue(tmp_path):
     out = tmp_path / "thr.json"
     res = subprocess.run(
@@ -37,6 +41,7 @@ def test_bench_threshold_agrees_with_kthvalue(tmp_path):
     assert methods[0] == "torch.kthvalue" and len(methods) >= 2
 
 
+@pytest.mark.integration
 def test_gpu_check_says_so_in_one_line_without_a_gpu(tmp_path):
     import torch
 
@@ -51,6 +56,7 @@ def test_gpu_check_says_so_in_one_line_without_a_gpu(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.integration
 def test_bench_memory_measures_what_it_computes(gpt2_dir, tmp_path):
     """Optimizer bytes per rank under DDP and FSDP2 with 2 processes: the measured buffers
     match the layout's formula (FSDP2: each rank holds its shards' state, plus a copy of

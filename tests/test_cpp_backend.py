@@ -129,8 +129,8 @@ def test_stats_collects_exactly_the_keys_in_the_band(fisher_q):
     lo, hi, clo, chi = 0, mid + 40, mid - 5, mid + 5
     sal, grow = torch.zeros(65536, dtype=torch.int32), torch.zeros(65536, dtype=torch.int32)
     cand, n = torch.empty(P, dtype=torch.int32), torch.zeros(1, dtype=torch.int64)
-    cpp._ext.stats(b.g[:P], b.w[:P], b.v[:P], b.mask, b.ema, P, True, False, *plan.score_args(), plan.ema_keep,
-                   plan.ema_new, lo, hi, sal, grow, False, cand, n, clo, chi)
+    cpp._ext.stats(b.g[:P], b.w[:P], b.v[:P], b.mask, b.ema, P, True, False, *plan.score_args(),
+                   lo, hi, sal, grow, False, cand, n, clo, chi)
     want = keys[((keys >> 16) >= clo) & ((keys >> 16) <= chi)].sort().values
     assert int(n) == want.numel() > 0
     assert torch.equal(cand[: int(n)].long().sort().values, want)

@@ -32,6 +32,7 @@ def distributed(tmp_path_factory):
     return os.path.dirname(out), torch.load(out)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("spec", RUNS)
 def test_two_ranks_equal_one_process(distributed, spec):
     _, backend, saliency, *_ = spec.split(":")
@@ -75,6 +76,7 @@ def test_sharded_state_of_another_world_size_is_refused():
         opt.load_state_dict(sd)
 
 
+@pytest.mark.integration
 def test_full_checkpoint_from_shards_loads_in_one_process(distributed):
     """save_full gathers FSDP2's shards: one checkpoint that `agip eval` reads."""
     from agip import checkpoint
@@ -97,6 +99,7 @@ def test_full_checkpoint_from_shards_loads_in_one_process(distributed):
         assert torch.all(params[name].detach()[~m] == 0)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("fsdp", [True, False], ids=["fsdp", "ddp"])
 def test_finetune_under_torchrun(gpt2_dir, corpus_dir, tmp_path, capsys, fsdp):
     """`agip finetune` with 2 processes: rank 0 writes one report and one whole checkpoint,
@@ -129,6 +132,7 @@ def test_fsdp_needs_several_processes(gpt2_dir, corpus_dir, tmp_path):
         finetune(FinetuneConfig(model=gpt2_dir, dataset=corpus_dir, fsdp=True, method="wanda", out=str(tmp_path)))
 
 
+@pytest.mark.integration
 def test_trainer_under_accelerate_ddp(tmp_path):
     """transformers.Trainer (accelerate's DDP, 2 processes): both ranks see the mean loss
     over ranks and keep identical weights and masks, pruned to the target."""

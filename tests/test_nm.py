@@ -44,10 +44,14 @@ def test_every_group_has_n_of_m_pruned_at_the_target(pattern):
 def test_the_schedule_ramps_the_share_of_pruned_groups():
     model, opt = make(target_sparsity=0.5)
     total = nm.groups_total(opt._flat, 4)
-    shares = []
+    shares, previous = [], None
     for t in range(STEPS):
         train(model, opt, 1, start=t)
         rep = opt.sparsity_report()
+        masks = torch.cat([st["mask"].reshape(-1) for st in opt.state.values() if "mask" in st])
+        if previous is not None:  # a pruned group stays pruned: the masks only lose entries
+            assert not torch.any(masks & ~previous), t
+        previous = masks.clone()
         k = nm.groups_to_prune(rep["scheduled_sparsity"], 2, 4, total)
         assert rep["n_pruned"] == 2 * k  # exactly k groups, no ties on these random weights
         for g in opt.param_groups:  # a group is whole or 2:4, never in between
@@ -56,7 +60,6 @@ def test_the_schedule_ramps_the_share_of_pruned_groups():
                 assert torch.all((kept == 2) | (kept == 4))
         shares.append(k / total)
     assert shares == sorted(shares) and 0 < shares[1] < 1 and shares[-1] == 1.0
-    # a pruned group stays pruned: the masks only lose entries
     assert opt.sparsity_report()["theta"] is not None
 
 

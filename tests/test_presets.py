@@ -7,14 +7,17 @@ import pytest
 import torch
 
 import agip
-from agip.optimizer import PRESETS
+from agip.config import PRESETS
 from conftest import TinyLM, train
 
 # sha256 of the weights and masks after the run below, computed by the package at commit
 # 3ae5a70 (before presets, when the thesis' settings were the only defaults), reference
 # backend, torch 2.13 on the CPU, one thread (torch's parallel reductions split the work by
-# thread count, which moves the last bits). Another torch may round differently: skipped.
-BEFORE_PRESETS = "cc1ec10fde19069861e9dc49848e969e5789332b1dd243bec201343a5d455d70"
+# thread count, which moves the last bits), on each machine kind it has run on: the model's
+# matrix products round differently on another CPU (the second digest is 3ae5a70's own run
+# on an AMD EPYC). Another torch may round differently: skipped.
+BEFORE_PRESETS = {"cc1ec10fde19069861e9dc49848e969e5789332b1dd243bec201343a5d455d70",
+                  "bd46522220cfb89e74e5f062a548472eb70c24db504a9c0d0581e9e6ebb07b55"}
 
 
 def run(**kw):
@@ -38,17 +41,17 @@ def test_thesis_preset_reproduces_the_package_before_presets_bit_for_bit():
         digest, opt = run(preset="thesis")
     finally:
         torch.set_num_threads(threads)
-    assert digest == BEFORE_PRESETS
-    assert opt.config["saliency"] == "taylor" and opt.config["schedule"] == "exp"
+    assert digest in BEFORE_PRESETS
+    assert opt.config.saliency == "taylor" and opt.config.schedule == "exp"
 
 
 def test_thesis_preset_is_its_settings_and_explicit_arguments_win():
     thesis, _ = run(preset="thesis")
-    explicit, _ = run(preset="default", **PRESETS["thesis"])  # every preset setting given explicitly
+    explicit, _ = run(preset="default", **PRESETS["thesis"].options)  # every preset setting given explicitly
     assert thesis == explicit
     default, opt = run()
     assert default != thesis
-    assert opt.config["saliency"] == "fisher" and opt.config["preset"] == "default"
+    assert opt.config.saliency == "fisher" and opt.config.preset == "default"
     _, opt = run(preset="thesis", saliency="fisher", fisher_power=0.25)
-    assert opt.config["saliency"] == "fisher" and opt.config["fisher_power"] == 0.25
-    assert opt.config["schedule"] == "exp"  # the rest stays the thesis'
+    assert opt.config.saliency == "fisher" and opt.config.fisher_power == 0.25
+    assert opt.config.schedule == "exp"  # the rest stays the thesis'

@@ -12,10 +12,21 @@ class owns the state and each backend module provides the same three functions o
 - ``update(flat, plan)``: clip, AdamW, TA, the new mask and ``w, m, v * M'`` (docs/algorithm.md §1.3-1.6).
 
 Every backend is tested against ``reference``: masks and theta bit-identical; w, m, v
-within a few fp32 ulps.
+within a few fp32 ulps. The fused backends' kernels take their scalars as the argument
+bundles below (:class:`ScoreArgs`, :class:`UpdateArgs`), whose field order is the
+kernels' and the order of the matching structs in ``csrc/agip_math.h`` (a test compares
+them).
+
+There is no separate CUDA C++ backend: ``triton`` runs the same passes on CUDA tensors,
+and torch's Linux CUDA wheels install triton, so ``backend="auto"`` finds it wherever a GPU
+is; a second GPU implementation (fp32 only, without the kept band, untestable in CI) did
+not earn its upkeep and was removed.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import importlib
 import math
 import warnings
@@ -25,7 +36,7 @@ from typing import List
 import numpy as np
 import torch
 
-BACKENDS = ("reference", "cpp", "triton", "cuda")
+BACKENDS = ("reference", "cpp", "triton")
 _warned_fallback = False
 
 
@@ -75,9 +86,60 @@ class StepPlan:
     def fisher(self) -> bool:
         return self.fisher_q >= 0
 
-    def score_args(self):
-        """The score's scalars, in the kernels' argument order: fisher_q, clip, beta2, 1 - beta2."""
-        return self.fisher_q, self.clip, self.fisher_beta2, self.fisher_omb2
+    def score_args(self) -> tuple:
+        """The score's scalars as the kernels take them (:class:`ScoreArgs`)."""
+        return dataclasses.astuple(ScoreArgs(self.fisher_q, self.clip, self.fisher_beta2, self.fisher_omb2,
+                                             self.ema_keep, self.ema_new))
+
+
+@dataclass(frozen=True)
+class ScoreArgs:
+    """The score's scalars, in the order the stats and refine kernels take them (the numbers
+    are ``ScoreArgs`` of csrc/agip_math.h): Taylor (``fisher_q = -1``) or Fisher
+    ``|w| v_t^(q/4)`` with ``v_t = beta2 v + omb2 ghat^2``, then the EMA ``keep S̄ + new S``."""
+
+    fisher_q: int
+    clip: float
+    beta2: float
+    omb2: float
+    ema_keep: float
+    ema_new: float
+
+
+@dataclass(frozen=True)
+class UpdateArgs:
+    """Pass C's scalars for one param group's range, in the update kernels' order (the
+    numbers are ``UpdateArgs`` of csrc/agip_math.h; docs/algorithm.md §1.3-1.6)."""
+
+    decay: float  # 1 - lr wd
+    lerp_weight: float  # 1 - beta1
+    beta2: float
+    one_minus_beta2: float
+    step_size: float  # -lr / (1 - beta1^t)
+    bc2_sqrt: float  # sqrt(1 - beta2^t)
+    eps: float
+    clip: float
+    neg_lr_s: float  # -lr s: the terminal attractor
+    theta: float
+    regrow_theta: float
+    ema_keep: float
+    ema_new: float
+    prunable: bool  # the range lies in the prunable segment (reads the mask)
+    prune_step: bool  # writes the new mask M' = (S > theta)
+    fisher_q: int
+
+    @classmethod
+    def of(cls, plan: "StepPlan", h: GroupHyper, prunable: bool) -> "UpdateArgs":
+        t = plan.step
+        return cls(decay=1 - h.lr * h.weight_decay, lerp_weight=1 - h.beta1, beta2=h.beta2,
+                   one_minus_beta2=1.0 - h.beta2, step_size=-h.lr / (1 - h.beta1**t),
+                   bc2_sqrt=math.sqrt(1 - h.beta2**t), eps=h.eps, clip=plan.clip, neg_lr_s=-h.lr * plan.ta_scale,
+                   theta=plan.theta, regrow_theta=plan.regrow_theta, ema_keep=plan.ema_keep, ema_new=plan.ema_new,
+                   prunable=prunable, prune_step=plan.prune, fisher_q=plan.fisher_q)
+
+    def numbers(self) -> List[float]:
+        """The floating-point fields, in order (what a C kernel reads into its struct)."""
+        return [getattr(self, f.name) for f in dataclasses.fields(self) if f.type == "float"]
 
 
 @dataclass
@@ -94,7 +156,7 @@ def available() -> List[str]:
 def resolve(name: str, device: torch.device):
     """The backend module for ``name`` on ``device``.
 
-    ``"auto"``: ``triton`` (then ``cuda``) for CUDA tensors, ``cpp`` for CPU tensors,
+    ``"auto"``: ``triton`` for CUDA tensors, ``cpp`` for CPU tensors,
     ``reference`` where none of those loads (with one warning per process saying why).
     """
     global _warned_fallback
@@ -102,7 +164,7 @@ def resolve(name: str, device: torch.device):
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")
     if name == "auto":
         reasons = []
-        for fast in {"cuda": ("triton", "cuda"), "cpu": ("cpp",)}.get(device.type, ()):
+        for fast in {"cuda": ("triton",), "cpu": ("cpp",)}.get(device.type, ()):
             try:
                 return resolve(fast, device)
             except ImportError as e:
@@ -123,29 +185,59 @@ def regrow_counts(n_pruned: int, regrow_fraction: float):
     return n_g, n_pruned - n_g
 
 
+@functools.lru_cache(maxsize=None)
+def native_target() -> str:
+    """What ``-march=native`` resolves to on this machine: the C++ compiler's predefined
+    macros under it (the instruction sets it enables), or the CPU's model and flags from
+    ``/proc/cpuinfo`` where no compiler answers."""
+    import os
+    import subprocess
+
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        out = subprocess.run([cxx, "-march=native", "-dM", "-E", "-x", "c++", os.devnull], capture_output=True,
+                             text=True, timeout=60, check=True).stdout
+        return "\n".join(sorted(out.splitlines()))
+    except (OSError, subprocess.SubprocessError):
+        try:
+            with open("/proc/cpuinfo") as f:
+                return "".join(ln for ln in f if ln.startswith(("model name", "flags")))
+        except OSError:
+            import platform
+
+            return platform.processor() or platform.machine()
+
+
 def cache_dir(kind: str) -> str:
     """Where native extensions are built: ``$AGIP_CACHE_DIR`` or ``~/.cache/agip``, one
-    folder per kind, torch version and Python version (builds are not portable across)."""
+    folder per kind, torch version, Python version and, for ``cpp`` (built with
+    ``-march=native``), what that resolves to on this CPU: a home folder shared by machines
+    with different CPUs (a cluster's NFS home) never loads a build another CPU cannot run."""
     import os
     import sys
 
     root = os.environ.get("AGIP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "agip")
     tag = f"{kind}-torch{torch.__version__.replace('+', '_')}-py{sys.version_info.major}{sys.version_info.minor}"
+    if kind == "cpp":
+        tag += "-cpu" + hashlib.sha256(native_target().encode()).hexdigest()[:12]
     path = os.path.join(root, tag)
     os.makedirs(path, exist_ok=True)
     return path
 
 
-def load_extension(kind: str, name: str, sources, hint: str = "", **flags):
+def load_extension(kind: str, name: str, sources, headers=(), hint: str = "", **flags):
     """Compile ``csrc`` sources into an extension (or load the cached build) with
     ``torch.utils.cpp_extension.load`` and ninja, in :func:`cache_dir` ``(kind)``; rebuilt
-    when a source or flag changes. A failed build raises ImportError naming the cause
-    (so ``backend="auto"`` can fall back with one warning)."""
+    when a source, a header in ``headers`` or a flag changes. A failed build raises
+    ImportError naming the cause (so ``backend="auto"`` can fall back with one warning)."""
     from importlib import resources
 
     from torch.utils import cpp_extension
 
     src = resources.files("agip.csrc")
+    if headers:  # torch hashes the sources and flags to decide a rebuild: the headers go into a flag
+        digest = hashlib.sha256(b"".join(src.joinpath(h).read_bytes() for h in headers)).hexdigest()[:16]
+        flags["extra_cflags"] = [*flags.get("extra_cflags", []), f"-DAGIP_HEADERS_SHA={digest}"]
     try:
         return cpp_extension.load(name=name, sources=[str(src.joinpath(f)) for f in sources],
                                   build_directory=cache_dir(kind), **flags)

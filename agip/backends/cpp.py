@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import cache_dir, load_extension
-from .fused import FusedDriver
+from .fused import FusedDriver, Kernels
 
 # -fno-trapping-math lets GCC vectorize the score loops (it may then evaluate FP ops speculatively;
 # results and rounding are unchanged, and no code here reads FP exception flags)
@@ -21,7 +21,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-err
 
 def build(verbose: bool = False):
     """Compile (or load the cached build of) the extension and return the module."""
-    return load_extension("cpp", "agip_cpu", ["agip_cpu.cpp"], hint="; it needs a C++ compiler and ninja "
+    return load_extension("cpp", "agip_cpu", ["agip_cpu.cpp"], headers=["agip_math.h"], hint="; it needs a C++ compiler and ninja "
                           "(pip install ninja)", extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], verbose=verbose)
 
 
@@ -33,7 +33,12 @@ def check_device(device: torch.device) -> None:
         raise ValueError(f"backend='cpp' runs on CPU tensors; these parameters are on {device}: use backend='auto'")
 
 
-_driver = FusedDriver.for_extension("cpp", _ext)
+def _update(w, g, m, v, mask, ema, start, end, args) -> None:
+    _ext.update(w, g, m, v, mask, ema, start, end, args.numbers(), args.prunable, args.prune_step, args.fisher_q)
+
+
+_driver = FusedDriver("cpp", Kernels(stats=_ext.stats, refine=_ext.refine, update=_update,
+                                     refine_keys=_ext.refine_keys, candidates=True))
 grad_sumsq, select, update = _driver.grad_sumsq, _driver.select, _driver.update
 
 if __name__ == "__main__":

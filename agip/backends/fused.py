@@ -1,37 +1,40 @@
 """The host side shared by the fused backends (``triton``, ``cpp``): three passes per
 bucket and the exact radix select over their histograms (docs/algorithm.md §2.2, 2.3).
 
-A fused backend supplies three kernels with one signature each:
+A fused backend supplies a :class:`Kernels` bundle with one signature per pass:
 
-- ``stats(g, w, v, mask, ema, n_prunable, saliency, regrow, fisher_q, clip, beta2, omb2,
-  ema_keep, ema_new, sal_lo, sal_hi, sal_hist, grow_hist)`` -> per-block partial sums of
-  (g*M)^2; adds the first-digit (top 16 bits) histograms of the score of active entries
-  (bins outside the window ``[sal_lo, sal_hi]`` lumped into ``sal_lo - 1`` and
-  ``sal_hi + 1``) and of |g| of pruned entries. A backend that also supplies
-  ``refine_keys(cand, n, prefix, hist)`` (``cpp``) *collects candidates*: its ``stats``
-  takes five more arguments, ``with_sumsq, cand, cand_n, cand_lo, cand_hi``; it skips G^2
-  when told to and writes the keys of the scores whose first digit lies in
-  ``[cand_lo, cand_hi]`` to ``cand`` (their number, or -1 if they did not fit, to
-  ``cand_n``), so a second digit in that band needs no ``refine`` pass over the buckets;
-- ``refine(g, w, v, mask, ema, n_prunable, prefix, saliency, fisher_q, clip, beta2, omb2,
-  ema_keep, ema_new, hist)``: adds the second-digit histogram of the values in bin ``prefix``;
-- ``update(w, g, m, v, mask, ema, start, end, **scalars)``: pass C over one group's range.
+- ``stats(g, w, v, mask, ema, n_prunable, saliency, regrow, *ScoreArgs, sal_lo, sal_hi,
+  sal_hist, grow_hist[, with_sumsq, cand, cand_n, cand_lo, cand_hi])`` -> per-block partial
+  sums of (g*M)^2; adds the first-digit (top 16 bits) histograms of the score of active
+  entries (bins outside the window ``[sal_lo, sal_hi]`` lumped into ``sal_lo - 1`` and
+  ``sal_hi + 1``) and of |g| of pruned entries. A backend whose ``candidates`` flag is set
+  (``cpp``) takes the five bracketed arguments too: it skips G^2 when told to and writes
+  the keys of the scores whose first digit lies in ``[cand_lo, cand_hi]`` to ``cand``
+  (their number, or -1 if they did not fit, to ``cand_n``), and its ``refine_keys(cand,
+  n, prefix, hist)`` then gives a second digit in that band without a pass over the buckets;
+- ``refine(g, w, v, mask, ema, n_prunable, prefix, saliency, *ScoreArgs, hist)``: adds the
+  second-digit histogram of the values in bin ``prefix``;
+- ``update(w, g, m, v, mask, ema, start, end, args)``: pass C over one group's range, with
+  ``args`` an :class:`~agip.backends.UpdateArgs`.
 
 The score is Taylor (``fisher_q = -1``) or Fisher ``|w| v_t^(q/4)`` (algorithm.md §2.1b).
 The Fisher score needs the clip factor, known only once G^2 is summed, so on Fisher
 pruning steps pass A computes G^2 alone and ``select`` runs the stats kernel a second
-time for the score's histogram.
+time for the score's histogram. The driver's own state (histograms, the window around the
+previous theta, the kept band, counters) is a :class:`DriverState` in ``flat.scratch``.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from agip.threshold import radix_select_count
 
-from . import Selection, StepPlan, regrow_counts
+from . import Selection, StepPlan, UpdateArgs, regrow_counts
 
 HIST_BINS = 1 << 16
 INF_BIN = 0x7F80  # top 16 bits of +inf: where regrown entries (saliency +inf) sit
@@ -59,97 +62,107 @@ class _Lump(Exception):
     """The k-th value lies outside the window: redo the first digit in full."""
 
 
-def keyword_update(ext_update):
-    """Adapt a native extension's positional ``update`` to the driver's keyword call."""
+@dataclass
+class Kernels:
+    """A fused backend's passes (signatures in the module docstring) and its capabilities."""
 
-    def update(w, g, m, v, mask, ema, start, end, *, decay, lerp_weight, beta2, step_size, bc2_sqrt, eps, clip,
-               neg_lr_s, theta, regrow_theta, ema_keep, ema_new, prunable, prune_step, fisher_q):
-        ext_update(w, g, m, v, mask, ema, start, end, decay, lerp_weight, beta2, step_size, bc2_sqrt, eps, clip,
-                   neg_lr_s, theta, regrow_theta, ema_keep, ema_new, prunable, prune_step, fisher_q)
+    stats: Callable
+    refine: Callable
+    update: Callable
+    refine_keys: Optional[Callable] = None
+    candidates: bool = False  # stats collects candidate keys, and refine_keys reads them
 
-    return update
+    def __post_init__(self):
+        if self.candidates != (self.refine_keys is not None):
+            raise ValueError("a backend that collects candidates (candidates=True) supplies refine_keys, and only it")
+
+
+@dataclass
+class DriverState:
+    """What the driver keeps between passes and steps, per flat state (``flat.scratch[name]``)."""
+
+    sal: torch.Tensor  # first-digit histogram of the active entries' scores (int32, HIST_BINS)
+    grow: torch.Tensor  # first-digit histogram of |g| of pruned entries
+    window: Tuple[int, int] = FULL  # the score bins pass A histogrammed this step
+    band: Optional[Tuple[int, int]] = None  # the bins whose keys pass A kept (candidates)
+    cand: Optional[List[tuple]] = None  # (keys, count) per bucket, when every bucket's fitted
+    theta_bin: Optional[int] = None  # the first digit of the previous theta
+    theta_moved: Optional[int] = None  # how far it moved at the previous pruning step
+    cand_buf: Optional[torch.Tensor] = None  # kept: allocating it each step costs more in page faults
+    cand_caps: Optional[List[int]] = None
+    band_hits: int = 0  # counters for tests and benchmarks
+    window_misses: int = 0
+
+    def forget_theta(self) -> None:
+        """As before a first pruning step: no previous theta, a full first-digit histogram."""
+        self.theta_bin = self.theta_moved = None
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.sal, self.grow, self.cand_buf) if t is not None)
 
 
 class FusedDriver:
-    def __init__(self, name, stats, refine, update, refine_keys=None):
-        self.name, self.stats, self.refine, self.update_kernel = name, stats, refine, update
-        # refine_keys(cand, n, prefix, hist): pass B over the keys stats collected
-        self.refine_keys = refine_keys
+    def __init__(self, name: str, kernels: Kernels):
+        self.name, self.k = name, kernels
 
-    @property
-    def candidates(self) -> bool:
-        """Whether ``stats`` collects candidate keys (the backend supplies ``refine_keys``)."""
-        return self.refine_keys is not None
-
-    @classmethod
-    def for_extension(cls, name, ext):
-        """The driver over a native extension exposing ``stats``, ``refine``, ``update``
-        (and optionally ``refine_keys``) with the signatures of ``csrc/agip_cpu.cpp``
-        (positional update arguments)."""
-        return cls(name, stats=ext.stats, refine=ext.refine, update=keyword_update(ext.update),
-                   refine_keys=getattr(ext, "refine_keys", None))
-
-    def _scratch(self, flat):
-        sc = flat.scratch.get(self.name)
-        if sc is None:
+    def state(self, flat) -> DriverState:
+        st = flat.scratch.get(self.name)
+        if st is None:
             kw = dict(dtype=torch.int32, device=flat.device)
-            sc = flat.scratch[self.name] = {"sal": torch.zeros(HIST_BINS, **kw), "grow": torch.zeros(HIST_BINS, **kw)}
-        return sc
+            st = flat.scratch[self.name] = DriverState(torch.zeros(HIST_BINS, **kw), torch.zeros(HIST_BINS, **kw))
+        return st
 
     def _candidate_buffers(self, flat):
-        """One int32 buffer per bucket for the keys pass A collects (kept: allocating it each
-        step costs more in page faults than the pass saves)."""
-        sc = self._scratch(flat)
-        if "cand_buf" not in sc:
-            caps = [max(CANDIDATE_MIN, b.n_prunable // CANDIDATE_SHARE) for b in flat.buckets]
-            sc["cand_buf"] = torch.empty(sum(caps), dtype=torch.int32)
-            sc["cand_caps"] = caps
-        return list(torch.split(sc["cand_buf"], sc["cand_caps"]))
+        """One int32 buffer per bucket for the keys pass A collects."""
+        st = self.state(flat)
+        if st.cand_buf is None:
+            st.cand_caps = [max(CANDIDATE_MIN, b.n_prunable // CANDIDATE_SHARE) for b in flat.buckets]
+            st.cand_buf = torch.empty(sum(st.cand_caps), dtype=torch.int32)
+        return list(torch.split(st.cand_buf, st.cand_caps))
 
     def _pass_a(self, flat, plan: StepPlan, window, saliency: bool, regrow: bool, sumsq: bool = True) -> float:
-        sc = self._scratch(flat)
-        band = self._band(flat, window) if saliency and self.candidates else None
+        st = self.state(flat)
+        band = self._band(st, window) if saliency and self.k.candidates else None
         if saliency:
-            sc["sal"].zero_()
-            sc["window"], sc["band"], sc["cand"] = window, band, None
+            st.sal.zero_()
+            st.window, st.band, st.cand = window, band, None
         if regrow:
-            sc["grow"].zero_()
+            st.grow.zero_()
         # a pass for the score alone (G^2 already known) walks the prunable segment only
         end = (lambda b: b.numel) if sumsq else (lambda b: b.n_prunable)
         bufs = self._candidate_buffers(flat) if band else [None] * len(flat.buckets)
         partials, cands = [], []
         for b, buf in zip(flat.buckets, bufs):
             extra = ()
-            if self.candidates:
+            if self.k.candidates:
                 n = torch.zeros(1, dtype=torch.int64) if buf is not None else None
                 cands.append((buf, n))
                 extra = (sumsq, buf, n, *(band or (0, -1)))
-            partials.append(self.stats(b.g[: end(b)], b.w[: end(b)], b.v[: end(b)], b.mask, b.ema, b.n_prunable,
-                                       saliency, regrow, *plan.score_args(), plan.ema_keep, plan.ema_new, window[0],
-                                       window[1], sc["sal"], sc["grow"], *extra))
+            partials.append(self.k.stats(b.g[: end(b)], b.w[: end(b)], b.v[: end(b)], b.mask, b.ema, b.n_prunable,
+                                         saliency, regrow, *plan.score_args(), window[0], window[1], st.sal, st.grow,
+                                         *extra))
         if band and all(int(n) >= 0 for _, n in cands):
-            sc["cand"] = [(buf, int(n)) for buf, n in cands]
+            st.cand = [(buf, int(n)) for buf, n in cands]
         # sharded parameters (FSDP2): the first digits of every rank's entries (algorithm.md §6)
         if saliency:
-            flat.comm.sum_counts(sc["sal"])
+            flat.comm.sum_counts(st.sal)
         if regrow:
-            flat.comm.sum_counts(sc["grow"])
+            flat.comm.sum_counts(st.grow)
         return float(torch.cat([p.double() for p in partials]).sum()) if sumsq else 0.0
 
-    def _window(self, flat):
-        sc = self._scratch(flat)
-        center, moved = sc.get("theta_bin"), sc.get("theta_moved")
-        if center is None:
+    @staticmethod
+    def _window(st: DriverState):
+        if st.theta_bin is None:
             return FULL
-        up = WINDOW_UP if moved is None else WINDOW_MARGIN + 2 * max(moved, 0)
-        return 0, min(HIST_BINS - 1, center + up)
+        up = WINDOW_UP if st.theta_moved is None else WINDOW_MARGIN + 2 * max(st.theta_moved, 0)
+        return 0, min(HIST_BINS - 1, st.theta_bin + up)
 
-    def _band(self, flat, window):
+    @staticmethod
+    def _band(st: DriverState, window):
         """The first-digit bins whose keys pass A collects: from half of theta's last move to
         one and a half times it, plus BAND_MARGIN either side (inside the window); None on a
         full pass."""
-        sc = self._scratch(flat)
-        center, moved = sc.get("theta_bin"), sc.get("theta_moved")
+        center, moved = st.theta_bin, st.theta_moved
         if window == FULL or center is None:
             return None
         if moved is None:
@@ -161,7 +174,7 @@ class FusedDriver:
         """Pass A over every bucket: G^2 (fixed-order fp64 sum of per-block partials) and,
         on pruning steps, the first-digit histograms (windowed around the last theta); the
         Fisher score's histogram waits for the clip factor (``select``)."""
-        return self._pass_a(flat, plan, self._window(flat), saliency=plan.prune and not plan.fisher,
+        return self._pass_a(flat, plan, self._window(self.state(flat)), saliency=plan.prune and not plan.fisher,
                             regrow=plan.prune and plan.regrow_fraction > 0)
 
     def _histogram(self, flat, plan, first: torch.Tensor, saliency: bool, extra: dict, window=FULL):
@@ -182,16 +195,16 @@ class FusedDriver:
                 return h
             if prefix in lumps:
                 raise _Lump
-            sc = self._scratch(flat)
+            st = self.state(flat)
             out = torch.zeros(HIST_BINS, dtype=torch.int32, device=flat.device)
-            if saliency and sc.get("cand") is not None and sc["band"][0] <= prefix <= sc["band"][1]:
-                sc["band_hits"] = sc.get("band_hits", 0) + 1
-                for keys, n in sc["cand"]:  # pass A kept every key of bin `prefix`
-                    self.refine_keys(keys, n, prefix, out)
+            if saliency and st.cand is not None and st.band[0] <= prefix <= st.band[1]:
+                st.band_hits += 1
+                for keys, n in st.cand:  # pass A kept every key of bin `prefix`
+                    self.k.refine_keys(keys, n, prefix, out)
             else:
                 for b in flat.buckets:
-                    self.refine(b.g, b.w, b.v, b.mask, b.ema, b.n_prunable, prefix, saliency, *plan.score_args(),
-                                plan.ema_keep, plan.ema_new, out)
+                    self.k.refine(b.g, b.w, b.v, b.mask, b.ema, b.n_prunable, prefix, saliency, *plan.score_args(),
+                                  out)
             h = flat.comm.sum_counts(out).to(torch.int64).cpu()
             h[0] += extra.get(prefix, 0)
             return h
@@ -200,17 +213,17 @@ class FusedDriver:
 
     def select(self, flat, plan: StepPlan) -> Selection:
         """Exact regrowth threshold, then the exact global saliency threshold (docs/algorithm.md §2.2, 2.3)."""
-        sc = self._scratch(flat)
+        st = self.state(flat)
         if plan.fisher:  # the score needs v_t, hence the clip factor: its histogram now
-            self._pass_a(flat, plan, self._window(flat), saliency=True, regrow=False, sumsq=False)
-        n_pruned = flat.n_prunable_global - int(sc["sal"].sum())  # lumps included: every active entry
+            self._pass_a(flat, plan, self._window(st), saliency=True, regrow=False, sumsq=False)
+        n_pruned = flat.n_prunable_global - int(st.sal.sum())  # lumps included: every active entry
         regrow_theta, n_regrown = math.inf, 0
         if plan.regrow_fraction > 0:
             n_g, n_keep = regrow_counts(n_pruned, plan.regrow_fraction)
             if n_g > 0 and n_keep == 0:
                 regrow_theta, n_regrown = -1.0, n_pruned
             elif n_g > 0:
-                regrow_theta, n_le = radix_select_count(n_keep, self._histogram(flat, plan, sc["grow"], False, {}))
+                regrow_theta, n_le = radix_select_count(n_keep, self._histogram(flat, plan, st.grow, False, {}))
                 n_regrown = n_pruned - n_le
         theta = -1.0
         if plan.k > 0:
@@ -224,29 +237,19 @@ class FusedDriver:
                 theta = 0.0  # the k-th smallest is one of the zeros of the entries staying pruned
             else:
                 try:
-                    theta = radix_select_count(plan.k, self._histogram(flat, plan, sc["sal"], True, extra,
-                                                                       sc["window"]))[0]
+                    theta = radix_select_count(plan.k, self._histogram(flat, plan, st.sal, True, extra, st.window))[0]
                 except _Lump:  # theta moved out of the window: the first digit again, in full
-                    sc["window_misses"] = sc.get("window_misses", 0) + 1
+                    st.window_misses += 1
                     self._pass_a(flat, plan, FULL, saliency=True, regrow=False, sumsq=False)
-                    theta = radix_select_count(plan.k, self._histogram(flat, plan, sc["sal"], True, extra))[0]
+                    theta = radix_select_count(plan.k, self._histogram(flat, plan, st.sal, True, extra))[0]
             new_bin = int(np.float32(theta).view(np.uint32)) >> 16
-            old_bin = sc.get("theta_bin")
-            sc["theta_moved"] = None if old_bin is None else new_bin - old_bin
-            sc["theta_bin"] = new_bin
+            st.theta_moved = None if st.theta_bin is None else new_bin - st.theta_bin
+            st.theta_bin = new_bin
         return Selection(theta=theta, regrow_theta=regrow_theta, n_regrown=n_regrown)
 
     def update(self, flat, plan: StepPlan) -> None:
         """Pass C over each param group's range of each bucket (docs/algorithm.md §1.3-1.6)."""
-        t = plan.step
         for b in flat.buckets:
             for gi, start, end in b.ranges:
-                h = plan.groups[gi]
-                self.update_kernel(
-                    b.w, b.g, b.m, b.v, b.mask, b.ema, start, end,
-                    decay=1 - h.lr * h.weight_decay, lerp_weight=1 - h.beta1, beta2=h.beta2,
-                    step_size=-h.lr / (1 - h.beta1**t), bc2_sqrt=math.sqrt(1 - h.beta2**t), eps=h.eps,
-                    clip=plan.clip, neg_lr_s=-h.lr * plan.ta_scale, theta=plan.theta,
-                    regrow_theta=plan.regrow_theta, ema_keep=plan.ema_keep, ema_new=plan.ema_new,
-                    prunable=end <= b.n_prunable, prune_step=plan.prune, fisher_q=plan.fisher_q,
-                )
+                args = UpdateArgs.of(plan, plan.groups[gi], prunable=end <= b.n_prunable)
+                self.k.update(b.w, b.g, b.m, b.v, b.mask, b.ema, start, end, args)

@@ -159,10 +159,4 @@ def update(flat, plan: StepPlan) -> None:
             if wf.data_ptr() != w.data_ptr():  # low-precision params: write back
                 w.copy_(wf), m.copy_(mf), v.copy_(vf)
         if new_mask is not None:
-            drop = ~new_mask
-            b.w[:P].masked_fill_(drop, 0)
-            b.m[:P].masked_fill_(drop, 0)
-            b.v[:P].masked_fill_(drop, 0)
-            b.mask.copy_(new_mask)
-            if b.ema is not None:
-                b.ema.copy_(s.masked_fill_(drop, 0))
+            flat.apply_mask(b, new_mask, ema=s if b.ema is not None else None)

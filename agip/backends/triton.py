@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from .fused import FusedDriver
+from .fused import FusedDriver, Kernels
 
 try:
     from agip import kernels
@@ -32,10 +32,9 @@ def check_device(device: torch.device) -> None:
     )
 
 
-_driver = FusedDriver(
-    "triton",
+_driver = FusedDriver("triton", Kernels(
     stats=lambda *a: _stats(*a, block=block),
     refine=lambda *a: _refine(*a, block=block),
-    update=lambda *a, **kw: _update(*a, **kw, block=block),
-)
+    update=lambda *a: _update(*a, block=block),
+))
 grad_sumsq, select, update = _driver.grad_sumsq, _driver.select, _driver.update

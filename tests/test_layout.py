@@ -1,0 +1,115 @@
+"""The package's layout as docs/design.md draws it, checked on the source: no import
+circle (lazy imports inside functions count too), the library never imports the harness,
+and the kernels' argument bundles are declared once, in the order of the C structs."""
+import ast
+import dataclasses
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PKG = os.path.join(ROOT, "agip")
+# docs/design.md, "Module map": the harness runs jobs; the library is what a training loop imports
+HARNESS = {"agip.train", "agip.cli", "agip.methods", "agip.baselines", "agip.data", "agip.models",
+           "agip.evaluate", "agip.report", "agip.launch"}
+
+
+def modules() -> dict:
+    """agip module name -> the set of agip modules it imports (anywhere in the file)."""
+    found = {}
+    for folder, _, files in os.walk(PKG):
+        for f in files:
+            if not f.endswith(".py"):
+                continue
+            path = os.path.join(folder, f)
+            parts = os.path.relpath(path, ROOT)[:-3].split(os.sep)
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            package = name if parts[-1] == "__init__" else name.rsplit(".", 1)[0]
+            found[name] = imports_of(ast.parse(open(path).read()), package)
+    return found
+
+
+def imports_of(tree, package: str) -> set:
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("agip")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if not mod.startswith("agip"):
+                continue
+            out.add(mod)
+            out |= {f"{mod}.{a.name}" for a in node.names}  # "from . import nm" imports agip.nm
+    return out
+
+
+def graph() -> dict:
+    mods = modules()
+    return {m: {i for i in deps if i in mods and i != m and not m.startswith(i + ".")} for m, deps in mods.items()}
+
+
+def test_no_import_circle():
+    g = graph()
+    state = {}
+
+    def visit(m, path):
+        state[m] = "open"
+        for d in sorted(g[m]):
+            if state.get(d) == "open":
+                pytest.fail("import circle: " + " -> ".join(path[path.index(d):] + [d]) if d in path
+                            else f"import circle through {m} -> {d}")
+            if d not in state:
+                visit(d, path + [d])
+        state[m] = "done"
+
+    for m in sorted(g):
+        if m not in state:
+            visit(m, [m])
+
+
+def test_the_library_never_imports_the_harness():
+    g = graph()
+    library = {m for m in g if m not in HARNESS and m != "agip"}
+    assert "agip.optimizer" in library and "agip.backends.fused" in library
+    bad = sorted((m, d) for m in library for d in g[m] if d in HARNESS)
+    assert not bad, f"library -> harness imports: {bad}"
+
+
+def test_the_graph_sees_lazy_imports():
+    tree = ast.parse("def f():\n    from .train import finetune\n")
+    assert imports_of(tree, "agip") == {"agip.train", "agip.train.finetune"}
+
+
+def c_struct(name: str) -> list:
+    src = open(os.path.join(ROOT, "csrc", "agip_math.h")).read()
+    body = re.search(rf"struct {name} {{(.*?)}};", src, re.S).group(1)
+    return [f.strip() for f in re.sub(r"\bfloat\b", "", body).replace(";", "").split(",")]
+
+
+def test_kernel_arguments_are_declared_once_in_the_c_order():
+    from agip.backends import ScoreArgs, UpdateArgs
+
+    numbers = [f.name for f in dataclasses.fields(UpdateArgs) if f.type == "float"]
+    assert c_struct("UpdateArgs") == numbers
+    header = open(os.path.join(ROOT, "csrc", "agip_math.h")).read()
+    assert f"UPDATE_ARGS = {len(numbers)};" in header
+    assert c_struct("ScoreArgs") == [f.name for f in dataclasses.fields(ScoreArgs)][1:]  # fisher_q apart
+
+
+def test_the_cpp_cache_tag_follows_the_cpu(monkeypatch, tmp_path):
+    from agip import backends
+
+    monkeypatch.setenv("AGIP_CACHE_DIR", str(tmp_path))
+    here = backends.cache_dir("cpp")
+    assert backends.cache_dir("cpp") == here
+    monkeypatch.setattr(backends, "native_target", lambda: "#define __AVX2__ 1")  # another CPU
+    other = backends.cache_dir("cpp")
+    monkeypatch.setattr(backends, "native_target", lambda: "#define __AVX512F__ 1")
+    assert len({here, other, backends.cache_dir("cpp")}) == 3
+    assert backends.cache_dir("reference").endswith(os.path.basename(here).split("-cpu")[0].replace("cpp", "reference"))
