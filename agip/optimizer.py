@@ -99,21 +99,11 @@ class TAAdamW(torch.optim.Optimizer):
         accumulation), averaged over ranks here. A non-finite loss or gradient skips the
         step and changes nothing but ``skipped_steps``. Returns the loss (or the closure's).
         """
-        if closure is not None:
-            if not callable(closure):
-                raise TypeError("the first argument of step() is a closure; pass the loss as opt.step(loss=loss)")
-            with torch.enable_grad():
-                closure_loss = closure()
-            loss = closure_loss if loss is None else loss
-        E, flat, t = self._losses.take(loss, self.config), self._flat, self._step + 1
-        self._late_comm()
-        E = None if E is None else self.comm.mean(E, flat.device)  # §6: one scalar all-reduce
-        self.last_loss = E  # the harness' history reads it (a skipped step's too)
+        loss = self._closure_loss(closure, loss)
+        E, flat, t = self._loss_of(loss), self._flat, self._step + 1
         flat.rebind_grads()
         if E is not None and not math.isfinite(E):
             return self._skip(t, "loss", loss)
-        need(E is None or E >= 0 or self.config.ta_gamma == 0, f"loss is {E} < 0, but the terminal-attractor term "
-             "needs a loss >= 0 (E^beta is undefined); pass ta_gamma=0 for losses that can be negative")
         ratio, alpha = self.schedule.propose(t, E)
         pruning = self.schedule.is_pruning_step(t)  # never without a target (TAAdamW)
         plan = core.plan(t, self.param_groups, self.config, pruning and self._selection.in_update,
@@ -127,13 +117,36 @@ class TAAdamW(torch.optim.Optimizer):
         self.backend.update(flat, plan)
         if decision is not None:
             decision.finish(flat)
-            self._last.update(theta=decision.theta, regrown=decision.n_regrown)
         flat.sync_out()
         # host-side state changes only after the buffers are updated
         self._step = t
         self.schedule.commit(ratio, E)
         self._last.update(alpha=alpha, clip=plan.clip, ta_scale=plan.ta_scale, grad_norm=math.sqrt(G2))
+        if decision is not None:
+            self._last.update(theta=decision.theta, regrown=decision.n_regrown)
         return loss
+
+    @staticmethod
+    def _closure_loss(closure, loss):
+        """torch's closure protocol: the closure's loss unless ``loss=`` is given too."""
+        if closure is None:
+            return loss
+        if not callable(closure):
+            raise TypeError("the first argument of step() is a closure; pass the loss as opt.step(loss=loss)")
+        with torch.enable_grad():
+            closure_loss = closure()
+        return closure_loss if loss is None else loss
+
+    def _loss_of(self, loss) -> Optional[float]:
+        """E_t (docs/algorithm.md §0): ``loss`` or the recorded mean, averaged over ranks (§6:
+        one scalar all-reduce); checked for the TA term (a non-finite one skips the step)."""
+        E = self._losses.take(loss, self.config)
+        self._late_comm()
+        E = None if E is None else self.comm.mean(E, self._flat.device)
+        self.last_loss = E  # the harness' history reads it (a skipped step's too)
+        need(E is None or not -math.inf < E < 0 or self.config.ta_gamma == 0, f"loss is {E} < 0, but the terminal-attractor "
+             "term needs a loss >= 0 (E^beta is undefined); pass ta_gamma=0 for losses that can be negative")
+        return E
 
     def _fisher_beta2(self) -> float:
         """The beta2 that all prunable groups share (algorithm.md §2.1b: the bias correction

@@ -19,7 +19,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-TESTS = ["tests/test_triton_backend.py", "tests/test_backends_optimizer.py", "tests/test_golden.py"]
+TESTS = ["tests/test_backends.py", "tests/test_triton_backend.py", "tests/test_backends_optimizer.py", "tests/test_golden.py"]
 
 
 def main(argv=None) -> int:

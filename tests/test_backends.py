@@ -1,0 +1,81 @@
+"""Every fused backend against the reference, through one ``fused`` fixture (cpp, and
+triton: on CUDA, or interpreted on the CPU with TRITON_INTERPRET=1 and small blocks):
+masks, theta and the regrowth decision bit-identical, G^2 within 1e-6, w/m/v within
+backend_cases.MAX_ULPS. What only one backend has (cpp's kept band and threads, triton's
+interpreter check) is tested in test_cpp_backend.py / test_triton_backend.py."""
+import importlib
+import math
+
+import pytest
+import torch
+
+from agip.backends import reference
+from backend_cases import ALL_SCORES, CASES, HYPERS, SCORES, compare_over_steps, compare_with_reference, make_flat, \
+    make_plan, run_backend
+
+DEVICES = {"cpp": "cpu", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+@pytest.fixture(params=sorted(DEVICES))
+def fused(request, monkeypatch):
+    """(backend module, device) for each fused backend that loads here."""
+    name = request.param
+    try:
+        module = importlib.import_module(f"agip.backends.{name}")
+    except ImportError as e:
+        pytest.skip(f"the {name} backend is not available: {e}")
+    if name == "triton":
+        monkeypatch.setattr(module, "block", 64)  # many programs per launch on small buffers, partial last blocks
+    return module, DEVICES[name]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("fisher_q", SCORES)
+def test_matches_reference(fused, case, seed, fisher_q):
+    backend, device = fused
+    compare_with_reference(backend, case, device, seed=seed, fisher_q=fisher_q)
+
+
+@pytest.mark.parametrize("fisher_q", ALL_SCORES)
+@pytest.mark.parametrize("case", [("odd", 0.3, 0.5, 0.2, 0.0, True), ("many", 0.2, 0.3, 0.5, 0.5, True)])
+def test_matches_reference_for_every_fisher_power(fused, case, fisher_q):
+    backend, device = fused
+    compare_with_reference(backend, case, device, seed=2, fisher_q=fisher_q)
+
+
+@pytest.mark.parametrize("hyper", HYPERS)
+@pytest.mark.parametrize("fisher_q", [-1, 2])
+def test_other_adam_constants_match_reference(fused, hyper, fisher_q):
+    backend, device = fused
+    compare_with_reference(backend, ("odd", 0.3, 0.5, 0.2, 0.5, True), device, fisher_q=fisher_q, **hyper)
+
+
+@pytest.mark.parametrize("fisher_q", [-1, 2])
+def test_theta_window_misses_only_on_a_jump(fused, fisher_q):
+    backend, device = fused
+    _, misses = compare_over_steps(backend, [0.2, 0.21, 0.22, 0.6, 0.61], device=device, regrow=0.2, layout="many",
+                                   fisher_q=fisher_q)
+    assert misses == 1  # only the jump to 0.6
+
+
+def test_two_runs_are_identical(fused):
+    backend, device = fused
+    results = []
+    for _ in range(2):
+        flat, _ = make_flat("many", pruned=0.2, ema=True, device=device)
+        plan = make_plan(flat, 0.4, regrow=0.3, ema_rho=0.5)
+        g2, sel = run_backend(backend, flat, plan)
+        results.append((g2, sel, [torch.cat([b.w, b.m, b.v]).cpu() for b in flat.buckets]))
+    assert results[0][:2] == results[1][:2]
+    assert all(torch.equal(a, b) for a, b in zip(results[0][2], results[1][2]))
+
+
+def test_non_finite_gradient_on_a_pruned_entry_makes_g2_non_finite(fused):
+    backend, device = fused
+    flat, _ = make_flat("odd", pruned=0.5, device=device)
+    b = flat.buckets[0]
+    b.g[int((~b.mask).nonzero()[0])] = math.inf
+    plan = make_plan(flat, 0.5)
+    assert not math.isfinite(backend.grad_sumsq(flat, plan))
+    assert not math.isfinite(reference.grad_sumsq(flat, plan))
