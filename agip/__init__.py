@@ -6,8 +6,9 @@ nothing; backends load on first use.
 from . import hf
 from .groups import param_groups
 from .optimizer import AGIP, TAAdamW
+from .export import load_sparse
 from .step import ta_scale
 from .schedule import SparsitySchedule
 
 __version__ = "0.1.0"
-__all__ = ["AGIP", "TAAdamW", "param_groups", "ta_scale", "SparsitySchedule", "hf", "__version__"]
+__all__ = ["AGIP", "TAAdamW", "param_groups", "ta_scale", "SparsitySchedule", "hf", "load_sparse", "__version__"]

@@ -56,17 +56,17 @@ def optimizer_masks(optimizer) -> dict:
     return masks
 
 
-def _fsync_tree(folder: str) -> None:
+def fsync_tree(folder: str) -> None:
     """Flush every file of ``folder`` and the folder itself to disk."""
     for name in os.listdir(folder):
         full = os.path.join(folder, name)
         if os.path.isfile(full):
             with open(full, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
-def _fsync_dir(folder: str) -> None:
+def fsync_dir(folder: str) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -101,7 +101,7 @@ def _write(tmp: str, model, tokenizer, optimizer, scheduler, state, rng, weights
                    os.path.join(tmp, "optimizer.pt"))
     with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
         json.dump(state or {}, f, indent=2)
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
 
 
 def _remove_beside(parent: str, prefixes: tuple) -> None:
@@ -142,7 +142,7 @@ def save(path: str, model, tokenizer, optimizer=None, scheduler=None, state: dic
     try:
         _write(tmp, model, tokenizer, optimizer, scheduler, state, rng, weights, masks)
         os.replace(tmp, version)  # complete and on disk: now it may be pointed at
-        _fsync_dir(parent)
+        fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -156,7 +156,7 @@ def save(path: str, model, tokenizer, optimizer=None, scheduler=None, state: dic
         _swap(version, path)
         return path
     os.replace(link, path)  # the atomic switch
-    _fsync_dir(parent)
+    fsync_dir(parent)
     for _, name in versions:  # the versions before this one are no longer pointed at
         shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
     return path

@@ -1,5 +1,6 @@
 """``agip`` command line: ``agip finetune`` runs the whole job, ``agip eval`` measures a
-checkpoint. ``agip finetune`` with no options runs the embedded default: SmolLM2-135M on
+checkpoint (or an export), ``agip export`` writes a pruned model as a compact file and
+``agip unpack`` turns that back into a standard folder. ``agip finetune`` with no options runs the embedded default: SmolLM2-135M on
 wiki-mini, 30% of the prunable weights, 60 steps."""
 from __future__ import annotations
 
@@ -73,13 +74,16 @@ def _add_finetune(sub):
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint, bit for bit")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the model with FSDP2 (fully_shard) instead of DDP")
+    p.add_argument("--export", action="store_true", help="at the end, export the checkpoint to OUT/export (agip-sparse)")
+    p.add_argument("--export-dtype", default=d.export_dtype, choices=("fp32", "bf16", "fp16"))
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
 def _add_eval(sub):
     p = sub.add_parser("eval", help="perplexity of a checkpoint (or any model)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", help="a checkpoint folder from `agip finetune`, a model folder, or a hub name")
+    p.add_argument("checkpoint", help="a checkpoint folder from `agip finetune`, an `agip export` folder, a model "
+                   "folder, or a hub name")
     p.add_argument("--dataset", default="wiki-mini")
     p.add_argument("--split", default="test", choices=("validation", "test"))
     p.add_argument("--seq-len", type=int, default=None, help="L (default min(1024, context))")
@@ -91,16 +95,54 @@ def _add_eval(sub):
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
+def _add_export(sub):
+    p = sub.add_parser("export", help="write a pruned model as a compact file (agip-sparse: bitmask + kept values) "
+                       "or a standard dense folder", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("src", help="a checkpoint of `agip finetune` (OUT/checkpoint), or a save_pretrained folder with --masks zeros")
+    p.add_argument("out", help="the folder to write (refused if it exists, unless --overwrite)")
+    p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"), help="default: fp32 (the checkpoint's)")
+    p.add_argument("--format", default="agip-sparse", choices=("agip-sparse", "dense"),
+                   help="agip-sparse: AGIP's own compact format (load with agip.load_sparse or `agip unpack`); "
+                        "dense: a standard save_pretrained folder")
+    p.add_argument("--masks", default=None, choices=("zeros",),
+                   help="zeros: take the masks from w == 0 (a folder without AGIP's masks.safetensors)")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _add_unpack(sub):
+    p = sub.add_parser("unpack", help="an agip-sparse export as a standard save_pretrained folder, for any other tool",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("src", help="a folder written by `agip export`")
+    p.add_argument("out", help="the folder to write (refused if it exists, unless --overwrite)")
+    p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"), help="default: the export's")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def run_export(args) -> dict:
+    from .export import export
+
+    res = export(args.src, args.out, dtype=args.dtype, format=args.format, masks=args.masks, overwrite=args.overwrite)
+    found = f"; the masks from w == 0 found {res['zeros_found']:,} pruned entries" if args.masks == "zeros" else ""
+    print(f"wrote {args.out} ({res['format']}, {res['dtype']}): {res['bytes']:,} bytes{found}")
+    return res
+
+
 def run_eval(args) -> dict:
     import torch
 
     from . import checkpoint
+    from .export import is_sparse_export, load_sparse
     from .data import join, load_corpus
     from .evaluate import perplexity
     from .models import context_length, load_model
     from .train import tokenize
 
-    if checkpoint.is_checkpoint(args.checkpoint):
+    if is_sparse_export(args.checkpoint):
+        from transformers import AutoTokenizer
+
+        # fp32 arithmetic, as for a checkpoint: a bf16 export is measured with its bf16-rounded weights
+        model, tok = load_sparse(args.checkpoint, dtype=torch.float32), AutoTokenizer.from_pretrained(args.checkpoint)
+    elif checkpoint.is_checkpoint(args.checkpoint):
         model, tok, _ = checkpoint.load_model(args.checkpoint)
     else:
         model, tok = load_model(args.checkpoint)
@@ -158,10 +200,20 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     _add_finetune(sub)
     _add_eval(sub)
+    _add_export(sub)
+    _add_unpack(sub)
     args = ap.parse_args(argv)
     try:
         if args.command == "eval":
             run_eval(args)
+            return 0
+        if args.command == "export":
+            run_export(args)
+            return 0
+        if args.command == "unpack":
+            from .export import unpack
+
+            print(f"wrote {unpack(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite)}")
             return 0
         from .train import finetune, summary
 
@@ -175,7 +227,7 @@ def main(argv=None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0 speaks
             print(summary(report))
         return 0
-    except (ValueError, RuntimeError, FileNotFoundError, TypeError, ImportError) as e:
+    except (ValueError, RuntimeError, FileNotFoundError, FileExistsError, TypeError, ImportError) as e:
         print(f"agip: error: {e}", file=sys.stderr)
         return 2
 

@@ -114,6 +114,9 @@ def markdown(report: dict) -> str:
         f"TA γ {c['ta_gamma']} (β {c['ta_beta']}, C {c['ta_clip']}), regrowth {c['regrow_fraction']}, "
         f"batch {c['batch_size']}×{c['block_size']} tokens × {c['grad_accum']} accumulation, bf16 autocast {c['bf16']}, "
         f"seed {c['seed']}",
+        *([f"- export: `{report['export']['path']}` (agip-sparse, {report['export']['dtype']}): "
+           f"{report['export']['bytes']:,} bytes on disk, {report['export']['ratio']:.2f}× the checkpoint's weights "
+           f"({report['export']['checkpoint_bytes']:,} bytes)"] if report.get("export") else []),
         "",
         "![loss](loss.png)",
         "",

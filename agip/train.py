@@ -67,6 +67,8 @@ class FinetuneConfig:
     resume: bool = False
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard) instead of DDP (docs/algorithm.md §6)
     progress: bool = True
+    export: bool = False  # at the end, export the checkpoint to OUT/export (agip-sparse; agip/export.py)
+    export_dtype: str = "fp32"
 
     def check(self) -> None:
         def need(cond, msg):
@@ -93,6 +95,8 @@ class FinetuneConfig:
              "them with DDP (torchrun without --fsdp) or in one process")
         need(self.backend in backends.BACKENDS + ("auto",),
              f"--backend must be 'auto' or one of {backends.BACKENDS}, got {self.backend!r}")
+        need(self.export_dtype in ("fp32", "bf16", "fp16"), f"--export-dtype must be fp32, bf16 or fp16, got "
+             f"{self.export_dtype!r}")
         check_corpus_name(self.dataset)
         if self.eval_ood:
             check_corpus_name(self.eval_ood)
@@ -265,6 +269,19 @@ def save_run(cfg: FinetuneConfig, run: RunState, model, tok, opt, sched, world: 
     return path
 
 
+def export_run(cfg: FinetuneConfig, ckpt: str) -> Optional[dict]:
+    """With ``--export``: the checkpoint as an agip-sparse folder (OUT/export), and the sizes
+    on disk of the checkpoint's weights and of the export."""
+    if not cfg.export:
+        return None
+    from .export import export
+
+    res = export(ckpt, os.path.join(cfg.out, "export"), dtype=cfg.export_dtype, overwrite=True)
+    dense = os.path.getsize(os.path.join(ckpt, checkpoint.MODEL_FILE))
+    return {"path": os.path.join(cfg.out, "export"), "dtype": res["dtype"], "bytes": res["bytes"],
+            "checkpoint_bytes": dense, "ratio": res["bytes"] / dense}
+
+
 def build_report(cfg: FinetuneConfig, run: RunState, final: dict, after: dict, tokens_per_step: int, backend: str,
                  ckpt: str) -> dict:
     """The run's report (``report.json``; agip/report.py draws and writes it)."""
@@ -358,6 +375,7 @@ def finetune(cfg: FinetuneConfig, cache: Optional[EvalCache] = None) -> dict:
         ckpt = save_run(cfg, run, model, tok, opt, sched, world)
         report = build_report(cfg, run, opt.sparsity_report(), after, tokens_per_step,
                               opt.backend.__name__.rsplit(".", 1)[-1], ckpt)
+        report["export"] = export_run(cfg, ckpt) if rank == 0 else None
         if rank == 0:
             write_report(report, cfg.out)
         return report
@@ -383,4 +401,7 @@ def summary(report: dict) -> str:
         f"({report['tokens_per_s']:.0f} tokens/s, backend {report['backend']})",
         f"report: {os.path.join(report['config']['out'], 'report.md')} (+ report.json, *.png); "
         f"checkpoint: {report['checkpoint']}",
+        *([f"export: {report['export']['path']} ({report['export']['dtype']}, {report['export']['bytes']:,} bytes, "
+           f"{report['export']['ratio']:.2f}x the checkpoint's {report['export']['checkpoint_bytes']:,})"]
+          if report.get("export") else []),
     ])
