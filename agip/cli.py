@@ -11,7 +11,7 @@ import sys
 
 from .methods import METHODS
 from .backends import BACKENDS
-from .config import FISHER_POWERS, PRESETS, SALIENCIES
+from .config import FISHER_MOMENTS, FISHER_POWERS, PRESETS, SALIENCIES
 from .train import FinetuneConfig
 
 
@@ -47,6 +47,9 @@ def _add_finetune(sub):
                    help="taylor: |w g| (the thesis); fisher: |w| v^p from Adam's second moment. Default: the preset's")
     p.add_argument("--fisher-power", type=float, default=d.fisher_power, choices=sorted(FISHER_POWERS),
                    help="p of the Fisher score |w| v^p. Default: the preset's")
+    p.add_argument("--fisher-moment", default=d.fisher_moment, choices=FISHER_MOMENTS,
+                   help="the v of the Fisher score: current (v_t, with this step's gradient) or previous (v_(t-1), "
+                        "histogrammed without a pass of its own). Default: the preset's")
     p.add_argument("--regrow-fraction", type=float, default=d.regrow_fraction)
     p.add_argument("--saliency-ema", type=float, default=d.saliency_ema)
     p.add_argument("--ta-gamma", type=float, default=d.ta_gamma,

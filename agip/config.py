@@ -17,6 +17,7 @@ from . import nm
 from .schedule import SHAPES
 
 SALIENCIES = ("taylor", "fisher")
+FISHER_MOMENTS = ("current", "previous")  # v_t (with this step's gradient) or v_(t-1), algorithm.md §2.1b
 FISHER_POWERS = {0.0: 0, 0.25: 1, 0.5: 2, 1.0: 4}  # p -> q = 4p: v_t^p with square roots only
 
 
@@ -35,10 +36,10 @@ class Preset:
 # §2.1b with p = 1/4 on a cubic ramp, a pruning step every step, no TA; the harness' lr is
 # the one chosen for dense fine-tuning on the validation split.
 PRESETS = {
-    "thesis": Preset(dict(saliency="taylor", fisher_power=0.5, schedule="exp", prune_interval=1, ta_gamma=1.0,
-                          stability=True), harness_lr=5e-5),
-    "default": Preset(dict(saliency="fisher", fisher_power=0.25, schedule="cubic", prune_interval=1, ta_gamma=0.0,
-                           stability=False), harness_lr=1e-4),
+    "thesis": Preset(dict(saliency="taylor", fisher_power=0.5, fisher_moment="current", schedule="exp",
+                          prune_interval=1, ta_gamma=1.0, stability=True), harness_lr=5e-5),
+    "default": Preset(dict(saliency="fisher", fisher_power=0.25, fisher_moment="current", schedule="cubic",
+                           prune_interval=1, ta_gamma=0.0, stability=False), harness_lr=1e-4),
 }
 
 
@@ -75,6 +76,7 @@ class Config:
     stability_window: int = 50
     saliency: str = "fisher"
     fisher_power: float = 0.25
+    fisher_moment: str = "current"
     preset: str = "default"
     sparsity_pattern: str = "unstructured"
 
@@ -94,6 +96,8 @@ class Config:
         need(number(self.fisher_power) and float(self.fisher_power) in FISHER_POWERS,
              f"fisher_power must be one of {sorted(FISHER_POWERS)} (v_t^p is computed with square roots "
              f"so that every backend rounds alike), got {self.fisher_power!r}")
+        need(self.fisher_moment in FISHER_MOMENTS,
+             f"fisher_moment must be one of {FISHER_MOMENTS}, got {self.fisher_moment!r}")
         need(self.max_grad_norm is None or (number(self.max_grad_norm) and self.max_grad_norm > 0),
              f"max_grad_norm must be > 0 or None (no clipping), got {self.max_grad_norm!r}")
         need(number(self.ta_gamma) and self.ta_gamma >= 0, f"ta_gamma must be >= 0 (0 disables TA), got {self.ta_gamma!r}")

@@ -212,10 +212,12 @@ class AGIP(TAAdamW):
 
     Use ``agip.param_groups(model)`` to build the groups, then call ``opt.step(loss=loss)``
     after ``loss.backward()``. ``preset="default"`` scores weights by the Fisher score
-    ``|w| v_t^p`` (``saliency``, ``fisher_power``; algorithm.md §2.1b) on a cubic ramp
-    without TA; ``preset="thesis"`` is the thesis' method exactly (Taylor ``|w g|``, exp
+    ``|w| v_t^p`` (``saliency``, ``fisher_power``; algorithm.md §2.1b; ``fisher_moment=
+    "previous"`` scores by v_(t-1), which a fused backend histograms without a pass of its
+    own) on a cubic ramp without TA; ``preset="thesis"`` is the thesis' method exactly (Taylor ``|w g|``, exp
     ramp with the stability factor, TA). The preset fills ``saliency``, ``fisher_power``,
-    ``schedule``, ``prune_interval``, ``ta_gamma`` and ``stability`` where they are None.
+    ``fisher_moment``, ``schedule``, ``prune_interval``, ``ta_gamma`` and ``stability`` where
+    they are None.
     ``sparsity_pattern="2:4"`` (any ``"N:M"``) prunes N of every M weights along the input
     (§2.5). Under DDP or FSDP2 every rank makes the decision one process would make for the
     whole model (§6).
@@ -229,14 +231,14 @@ class AGIP(TAAdamW):
                  regrow_fraction: float = 0.0, saliency_ema: float = 0.0, stability: Optional[bool] = None,
                  stability_window: int = 50, backend: str = "auto", saliency: Optional[str] = None,
                  fisher_power: Optional[float] = None, preset: str = "default", process_group=None,
-                 sparsity_pattern: str = "unstructured"):
+                 sparsity_pattern: str = "unstructured", fisher_moment: Optional[str] = None):
         cfg = Config.resolve(
             preset, max_grad_norm=max_grad_norm, ta_gamma=ta_gamma, ta_beta=ta_beta, ta_k=ta_k, ta_clip=ta_clip,
             ta_eps=ta_eps, ta_loss_floor=ta_loss_floor, target_sparsity=target_sparsity, schedule=schedule,
             total_steps=total_steps, warmup_steps=warmup_steps, tau=tau, prune_interval=prune_interval,
             regrow_fraction=regrow_fraction, saliency_ema=saliency_ema, stability=stability,
             stability_window=stability_window, saliency=saliency, fisher_power=fisher_power,
-            sparsity_pattern=sparsity_pattern)
+            fisher_moment=fisher_moment, sparsity_pattern=sparsity_pattern)
         super().__init__(params, lr, betas, eps, weight_decay, backend=backend, process_group=process_group, config=cfg)
         if cfg.target_sparsity > 0 and self._flat.n_prunable_global == 0:
             raise ValueError(f"target_sparsity={cfg.target_sparsity} but no param group has prune=True: build the "

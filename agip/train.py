@@ -47,6 +47,7 @@ class FinetuneConfig:
     saliency_ema: float = 0.0
     saliency: Optional[str] = None
     fisher_power: Optional[float] = None
+    fisher_moment: Optional[str] = None  # "current" (v_t) or "previous" (v_(t-1)); algorithm.md §2.1b
     ta_gamma: Optional[float] = None
     ta_beta: float = 0.5
     ta_clip: float = 1.0
@@ -111,7 +112,8 @@ class FinetuneConfig:
                     target_sparsity=self.target_sparsity, schedule=self.schedule, total_steps=self.steps,
                     prune_interval=self.prune_interval, regrow_fraction=self.regrow_fraction,
                     saliency_ema=self.saliency_ema, stability=self.stability, saliency=self.saliency,
-                    fisher_power=self.fisher_power, sparsity_pattern=self.sparsity_pattern)
+                    fisher_power=self.fisher_power, fisher_moment=self.fisher_moment,
+                    sparsity_pattern=self.sparsity_pattern)
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

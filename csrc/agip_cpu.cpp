@@ -220,7 +220,7 @@ UpdateArgs update_args(const std::vector<double>& x) {
               x.size());
   float f[agip::UPDATE_ARGS];
   for (int i = 0; i < agip::UPDATE_ARGS; ++i) f[i] = static_cast<float>(x[i]);
-  return UpdateArgs{f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11], f[12]};
+  return UpdateArgs{f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11], f[12], f[13], f[14]};
 }
 
 // Candidate keys collected by pass A: the in-window keys whose first digit lies in the band
@@ -415,14 +415,18 @@ void update_range(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m,
   // scalars in locals: loads through a struct inside the loop block vectorization
   const float decay = a.decay, lw = a.lerp_weight, beta2 = a.beta2, omb2 = a.one_minus_beta2,
               step_size = a.step_size, bc2_sqrt = a.bc2_sqrt, eps = a.eps, clip = a.clip, neg_lr_s = a.neg_lr_s,
-              theta = a.theta, regrow_theta = a.regrow_theta, keep = a.ema_keep, fresh = a.ema_new;
+              theta = a.theta, regrow_theta = a.regrow_theta, keep = a.ema_keep, fresh = a.ema_new,
+              sb2 = a.score_beta2, somb2 = a.score_omb2;
+  // the score reads v_t (sb2, somb2 = beta2, 1 - beta2) or v_(t-1) as stored (1, 0)
+  const bool score_vt = sb2 == beta2 && somb2 == omb2;
   const float one_minus_lw = 1.0f - lw;
   const bool small = lw < 0.5f;
   const float inf = std::numeric_limits<float>::infinity();
 #pragma GCC ivdep
   for (int64_t i = lo; i < hi; ++i) {
     const float w0 = static_cast<float>(w[i]), gi = static_cast<float>(g[i]);
-    float wi = w0, mi = static_cast<float>(m[i]), vi = static_cast<float>(v[i]);
+    const float v0 = static_cast<float>(v[i]);
+    float wi = w0, mi = static_cast<float>(m[i]), vi = v0;
     float ghat, act = 1.f;
     if constexpr (PRUNABLE) {
       act = static_cast<float>(mask[i]);
@@ -434,7 +438,7 @@ void update_range(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m,
     agip::adamw(wi, mi, vi, ghat, decay, lw, one_minus_lw, small, beta2, omb2, step_size, bc2_sqrt, eps, neg_lr_s);
     if constexpr (PRUNABLE) {
       // the score from pre-update w and raw g (Taylor) or v_t (Fisher), as in stats/refine
-      float s = agip::score<SCORE>(w0, gi, vi);
+      float s = agip::score<SCORE>(w0, gi, score_vt ? vi : agip::second_moment(v0, ghat, sb2, somb2));
       if constexpr (HAS_EMA) s = ema[i] * keep + s * fresh;
       bool kept = act != 0.f;
       if constexpr (PRUNE_STEP) {

@@ -23,9 +23,9 @@ struct ScoreArgs {
 // Pass C's scalars for one param group's range.
 struct UpdateArgs {
   float decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps, clip, neg_lr_s, theta, regrow_theta,
-      ema_keep, ema_new;
+      ema_keep, ema_new, score_beta2, score_omb2;
 };
-constexpr int UPDATE_ARGS = 13;  // the number of floats in UpdateArgs
+constexpr int UPDATE_ARGS = 15;  // the number of floats in UpdateArgs
 
 // v_t^(Q/4) with correctly rounded square roots only, so every backend rounds alike.
 template <int Q>

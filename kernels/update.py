@@ -18,7 +18,7 @@ from . import BLOCK, score
 @triton.jit
 def _update_kernel(w_ptr, g_ptr, m_ptr, v_ptr, mask_ptr, ema_ptr, start, end,
                    decay, lerp_weight, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,  # UpdateArgs' numbers
-                   clip, neg_lr_s, theta, regrow_theta, ema_keep, ema_new,
+                   clip, neg_lr_s, theta, regrow_theta, ema_keep, ema_new, score_beta2, score_omb2,
                    PRUNABLE: tl.constexpr, PRUNE_STEP: tl.constexpr, SCORE: tl.constexpr, HAS_EMA: tl.constexpr,
                    BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -32,7 +32,7 @@ def _update_kernel(w_ptr, g_ptr, m_ptr, v_ptr, mask_ptr, ema_ptr, start, end,
         act = tl.load(mask_ptr + offs, mask=inb, other=0) != 0
         ghat = g * act.to(tl.float32) * clip  # the gradient of the active network, clipped
         # the score from pre-update w, v and raw g (the Fisher v_t is the one stored below)
-        s = score(w, g, v, act, clip, beta2, one_minus_beta2, SCORE)
+        s = score(w, g, v, act, clip, score_beta2, score_omb2, SCORE)
         if HAS_EMA:
             s = tl.load(ema_ptr + offs, mask=inb, other=0.0) * ema_keep + s * ema_new
     else:

@@ -52,12 +52,12 @@ ALL_SCORES = [-1, 0, 1, 2, 4]
 
 
 def make_plan(flat, k_frac, regrow=0.0, ema_rho=0.0, step=3, ta_scale=0.7, clip=0.5, prune=True, fisher_q=-1,
-              beta2=0.999, beta1=0.9, eps=1e-8):
+              beta2=0.999, beta1=0.9, eps=1e-8, moment="current"):
     keep, new = StepPlan.ema_constants(ema_rho)
     n_groups = max(gi for b in flat.buckets for gi, _, _ in b.ranges) + 1
     hyper = [GroupHyper(lr=1e-2 * (i + 1), weight_decay=0.01 * i, beta1=beta1, beta2=beta2, eps=eps)
              for i in range(n_groups)]
-    b2, omb2 = StepPlan.fisher_constants(beta2)
+    b2, omb2 = StepPlan.fisher_constants(beta2) if moment == "current" else (1.0, 0.0)  # v_(t-1): agip/step.py
     return StepPlan(step=step, clip=clip, ta_scale=ta_scale, groups=hyper, prune=prune,
                     k=int(math.floor(k_frac * flat.n_prunable)), regrow_fraction=regrow,
                     ema_keep=keep, ema_new=new, fisher_q=fisher_q, fisher_beta2=b2, fisher_omb2=omb2)
@@ -149,7 +149,7 @@ def compare_with_reference(backend, case, device="cpu", seed=0, dtype=torch.floa
 
 
 def compare_over_steps(backend, k_fracs, device="cpu", regrow=0.0, rho=0.0, layout="large", fisher_q=-1,
-                       fresh_grads=True, scratch=None):
+                       fresh_grads=True, scratch=None, moment="current"):
     """Several pruning steps on one flat state, so a fused backend's window around the
     previous theta is used (and missed, when k jumps): theta and masks must match the
     reference at every step. Before each step the backend's buffers are set to the
@@ -169,7 +169,7 @@ def compare_over_steps(backend, k_fracs, device="cpu", regrow=0.0, rho=0.0, layo
                 rb.g.copy_(torch.randn(rb.numel, generator=gen) * 1e-2)
             for name in ("w", "g", "m", "v", "mask") + (("ema",) if rho > 0 else ()):
                 getattr(ob, name).copy_(getattr(rb, name))
-        plan = make_plan(ref, k_frac, regrow=regrow, ema_rho=rho, step=step, fisher_q=fisher_q)
+        plan = make_plan(ref, k_frac, regrow=regrow, ema_rho=rho, step=step, fisher_q=fisher_q, moment=moment)
         _, sel_ref = run_backend(reference, ref, plan)
         _, sel = run_backend(backend, other, plan)
         assert sel == sel_ref, (step, sel, sel_ref)

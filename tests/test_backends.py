@@ -79,3 +79,30 @@ def test_non_finite_gradient_on_a_pruned_entry_makes_g2_non_finite(fused):
     plan = make_plan(flat, 0.5)
     assert not math.isfinite(backend.grad_sumsq(flat, plan))
     assert not math.isfinite(reference.grad_sumsq(flat, plan))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("fisher_q", [1, 2])
+def test_fisher_score_of_the_previous_moment_matches_reference(fused, case, fisher_q):
+    backend, device = fused
+    compare_with_reference(backend, case, device, fisher_q=fisher_q, moment="previous")
+
+
+@pytest.mark.parametrize("fisher_q", [1, 2])
+def test_previous_moment_is_histogrammed_in_pass_a_and_windowed(fused, fisher_q):
+    backend, device = fused
+    _, misses = compare_over_steps(backend, [0.2, 0.21, 0.22, 0.6, 0.61], device=device, regrow=0.2, layout="many",
+                                   fisher_q=fisher_q, moment="previous")
+    assert misses == 1  # only the jump to 0.6
+
+
+def test_previous_moment_scores_the_stored_v():
+    # algorithm.md §2.1b with fisher_moment="previous": S = |w| v^(q/4) of the v the last
+    # update stored, without this step's gradient
+    flat, _ = make_flat("odd", pruned=0.3)
+    b = flat.buckets[0]
+    plan = make_plan(flat, 0.5, fisher_q=1, moment="previous")
+    assert not plan.score_needs_clip and make_plan(flat, 0.5, fisher_q=1).score_needs_clip
+    P = b.n_prunable
+    want = b.w[:P].abs() * reference.sqrt_rn(reference.sqrt_rn(b.v[:P]))
+    assert torch.equal(reference.saliency(b, plan), want)

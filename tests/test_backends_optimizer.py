@@ -22,22 +22,23 @@ def groups(model):
     return gs
 
 
-def make(backend, saliency, fisher_power):
+def make(backend, saliency, fisher_power, moment="current"):
     model = TinyLM()
     opt = agip.AGIP(groups(model), lr=1e-2, target_sparsity=0.6, total_steps=STEPS, warmup_steps=1,
                     schedule="exp", tau=3.0, regrow_fraction=0.2, saliency_ema=0.5, ta_gamma=3.0, ta_clip=5.0,
-                    stability=True, saliency=saliency, fisher_power=fisher_power, backend=backend)
+                    stability=True, saliency=saliency, fisher_power=fisher_power, fisher_moment=moment, backend=backend)
     return model, opt
 
 
-@pytest.mark.parametrize("saliency,fisher_power", [("taylor", 0.5), ("fisher", 0.5), ("fisher", 0.25)])
+@pytest.mark.parametrize("saliency,fisher_power,moment", [("taylor", 0.5, "current"), ("fisher", 0.5, "current"),
+                                                          ("fisher", 0.25, "current"), ("fisher", 0.25, "previous")])
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_optimizer_step_matches_reference(backend, saliency, fisher_power, monkeypatch):
+def test_optimizer_step_matches_reference(backend, saliency, fisher_power, moment, monkeypatch):
     module = pytest.importorskip(f"agip.backends.{backend}", reason=f"the {backend} backend is not available")
     if backend == "triton":
         monkeypatch.setattr(module, "block", 64)  # many programs, partial last blocks
-    ref_model, ref_opt = make("reference", saliency, fisher_power)
-    model, opt = make(backend, saliency, fisher_power)
+    ref_model, ref_opt = make("reference", saliency, fisher_power, moment)
+    model, opt = make(backend, saliency, fisher_power, moment)
     pruned_steps = 0
     for t in range(STEPS):
         sync_optimizers(ref_model, ref_opt, model, opt)

@@ -86,6 +86,12 @@ class StepPlan:
     def fisher(self) -> bool:
         return self.fisher_q >= 0
 
+    @property
+    def score_needs_clip(self) -> bool:
+        """The score reads this step's clipped gradient (the Fisher score of v_t), so it is
+        known only once G^2 is summed; Taylor and the Fisher score of v_(t-1) are not."""
+        return self.fisher and not (self.fisher_beta2 == 1.0 and self.fisher_omb2 == 0.0)
+
     def score_args(self) -> tuple:
         """The score's scalars as the kernels take them (:class:`ScoreArgs`)."""
         return dataclasses.astuple(ScoreArgs(self.fisher_q, self.clip, self.fisher_beta2, self.fisher_omb2,
@@ -124,6 +130,8 @@ class UpdateArgs:
     regrow_theta: float
     ema_keep: float
     ema_new: float
+    score_beta2: float  # the score's v_t = score_beta2 v + score_omb2 ghat^2 (1, 0: v_(t-1))
+    score_omb2: float
     prunable: bool  # the range lies in the prunable segment (reads the mask)
     prune_step: bool  # writes the new mask M' = (S > theta)
     fisher_q: int
@@ -135,7 +143,8 @@ class UpdateArgs:
                    one_minus_beta2=1.0 - h.beta2, step_size=-h.lr / (1 - h.beta1**t),
                    bc2_sqrt=math.sqrt(1 - h.beta2**t), eps=h.eps, clip=plan.clip, neg_lr_s=-h.lr * plan.ta_scale,
                    theta=plan.theta, regrow_theta=plan.regrow_theta, ema_keep=plan.ema_keep, ema_new=plan.ema_new,
-                   prunable=prunable, prune_step=plan.prune, fisher_q=plan.fisher_q)
+                   score_beta2=plan.fisher_beta2, score_omb2=plan.fisher_omb2, prunable=prunable,
+                   prune_step=plan.prune, fisher_q=plan.fisher_q)
 
     def numbers(self) -> List[float]:
         """The floating-point fields, in order (what a C kernel reads into its struct)."""

@@ -18,9 +18,10 @@ A fused backend supplies a :class:`Kernels` bundle with one signature per pass:
   ``args`` an :class:`~agip.backends.UpdateArgs`.
 
 The score is Taylor (``fisher_q = -1``) or Fisher ``|w| v_t^(q/4)`` (algorithm.md §2.1b).
-The Fisher score needs the clip factor, known only once G^2 is summed, so on Fisher
+The Fisher score of v_t needs the clip factor, known only once G^2 is summed, so on its
 pruning steps pass A computes G^2 alone and ``select`` runs the stats kernel a second
-time for the score's histogram. The driver's own state (histograms, the window around the
+time for the score's histogram; the Fisher score of v_(t-1) (``fisher_moment="previous"``)
+is histogrammed in pass A, as Taylor's is. The driver's own state (histograms, the window around the
 previous theta, the kept band, counters) is a :class:`DriverState` in ``flat.scratch``.
 """
 from __future__ import annotations
@@ -174,7 +175,7 @@ class FusedDriver:
         """Pass A over every bucket: G^2 (fixed-order fp64 sum of per-block partials) and,
         on pruning steps, the first-digit histograms (windowed around the last theta); the
         Fisher score's histogram waits for the clip factor (``select``)."""
-        return self._pass_a(flat, plan, self._window(self.state(flat)), saliency=plan.prune and not plan.fisher,
+        return self._pass_a(flat, plan, self._window(self.state(flat)), saliency=plan.prune and not plan.score_needs_clip,
                             regrow=plan.prune and plan.regrow_fraction > 0)
 
     def _histogram(self, flat, plan, first: torch.Tensor, saliency: bool, extra: dict, window=FULL):
@@ -214,7 +215,7 @@ class FusedDriver:
     def select(self, flat, plan: StepPlan) -> Selection:
         """Exact regrowth threshold, then the exact global saliency threshold (docs/algorithm.md §2.2, 2.3)."""
         st = self.state(flat)
-        if plan.fisher:  # the score needs v_t, hence the clip factor: its histogram now
+        if plan.score_needs_clip:  # the score needs v_t, hence the clip factor: its histogram now
             self._pass_a(flat, plan, self._window(st), saliency=True, regrow=False, sumsq=False)
         n_pruned = flat.n_prunable_global - int(st.sal.sum())  # lumps included: every active entry
         regrow_theta, n_regrown = math.inf, 0
