@@ -33,7 +33,8 @@ from agip import backends
 
 # bytes moved per step by the byte model of docs/design.md (fp32, 1-byte mask), as
 # (per parameter, extra per prunable parameter)
-BYTES = {"step": (32, 2), "prune-taylor": (32, 7), "prune-fisher": (32, 16), "prune-first": (32, 29)}
+BYTES = {"step": (32, 2), "prune-taylor": (32, 7), "prune-fisher": (32, 16), "prune-fisher-prev": (32, 11),
+         "prune-first": (32, 29)}
 HIDDEN, INTER, KV, VOCAB, LAYERS = 576, 1536, 192, 49152, 30
 LAYER_SHAPES = [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN),
                 (INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER)]
@@ -124,16 +125,18 @@ def main(argv=None):
         n_prunable = sum(p.numel() for p in base_params[: len(prunable_shapes)])
         calls = args.warmup + args.reps + 1
         for name in names:
-            for kind, interval, saliency in (("step", 10**9, "fisher"), ("prune-taylor", 1, "taylor"),
-                                             ("prune-fisher", 1, "fisher"), ("prune-first", 1, "fisher")):
+            for kind, interval, saliency, moment in (
+                    ("step", 10**9, "fisher", "current"), ("prune-taylor", 1, "taylor", "current"),
+                    ("prune-fisher", 1, "fisher", "current"), ("prune-fisher-prev", 1, "fisher", "previous"),
+                    ("prune-first", 1, "fisher", "current")):
                 params = make_params(prunable_shapes + other_shapes, device, 0)
                 groups = [{"params": params[: len(prunable_shapes)], "prune": True},
                           {"params": params[len(prunable_shapes):], "weight_decay": 0.0}]
                 # a cubic ramp to 50% that is still climbing at the last timed call: every
                 # pruning step prunes new entries above the previous theta
                 opt = agip.AGIP(groups, target_sparsity=0.5, schedule="cubic", total_steps=2 * calls, warmup_steps=0,
-                                prune_interval=interval, saliency=saliency, ta_gamma=0.0, stability=False,
-                                backend=name)
+                                prune_interval=interval, saliency=saliency, fisher_moment=moment, ta_gamma=0.0,
+                                stability=False, backend=name)
                 if kind == "prune-first":  # as a first pruning step: no previous theta, full histogram
 
                     def first(o=opt, name=name):
@@ -159,12 +162,12 @@ def main(argv=None):
         del configs, base_params, base_opt
 
     print(f"device: {device_name(device)}   torch {torch.__version__}   reps {args.reps} (medians)")
-    header = f"{'params':>8} {'backend':<24} {'step':<13} {'median ms':>10} {'GB/s (model)':>13} {'x fused AdamW':>14}"
+    header = f"{'params':>8} {'backend':<24} {'step':<17} {'median ms':>10} {'GB/s (model)':>13} {'x fused AdamW':>14}"
     print(header)
     print("-" * len(header))
     for r in rows:
         gb = f"{r['gbps_by_model']:.1f}" if "gbps_by_model" in r else "-"
-        print(f"{r['size_m']:>7}M {r['backend']:<24} {r['step']:<13} {r['median_ms']:>10.2f} {gb:>13} {r['ratio_to_fused_adamw']:>14.2f}")
+        print(f"{r['size_m']:>7}M {r['backend']:<24} {r['step']:<17} {r['median_ms']:>10.2f} {gb:>13} {r['ratio_to_fused_adamw']:>14.2f}")
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"bench_step-{device.type}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
