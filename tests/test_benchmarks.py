@@ -22,7 +22,7 @@ def test_bench_step_writes_table_and_json(tmp_path):
     data = json.loads(out.read_text())
     kinds = {(r["backend"], r["step"]) for r in data["rows"]}
     assert kinds == {("torch-fused-adamw+clip", "step"), ("reference", "step"), ("reference", "prune-taylor"),
-                     ("reference", "prune-fisher"), ("reference", "prune-first")}
+                     ("reference", "prune-fisher"), ("reference", "prune-fisher-prev"), ("reference", "prune-first")}
     assert all(r["median_ms"] > 0 for r in data["rows"])
     assert data["device"]
 
