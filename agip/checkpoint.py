@@ -112,8 +112,9 @@ def _remove_beside(parent: str, prefixes: tuple) -> None:
             os.remove(full) if os.path.islink(full) else shutil.rmtree(full, ignore_errors=True)
 
 
-def _swap(version: str, path: str) -> None:
-    """Put the folder ``version`` at ``path`` with renames (no symbolic link)."""
+def swap_in(version: str, path: str) -> None:
+    """Put the complete folder ``version`` at ``path`` with renames (no symbolic link); an
+    existing ``path`` is moved aside first and removed after the switch."""
     if not os.path.lexists(path):
         os.replace(version, path)
         return
@@ -147,13 +148,13 @@ def save(path: str, model, tokenizer, optimizer=None, scheduler=None, state: dic
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if os.path.isdir(path) and not os.path.islink(path):  # a plain folder (an older version's)
-        _swap(version, path)
+        swap_in(version, path)
         return path
     link = os.path.join(parent, f".{base}-link-{os.getpid()}")
     try:
         os.symlink(os.path.basename(version), link)
     except OSError:  # no symbolic links on this file system
-        _swap(version, path)
+        swap_in(version, path)
         return path
     os.replace(link, path)  # the atomic switch
     fsync_dir(parent)

@@ -36,7 +36,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .checkpoint import MODEL_FILE, fsync_dir, fsync_tree, full_state
+from .checkpoint import MODEL_FILE, fsync_dir, fsync_tree, full_state, swap_in
 
 FORMAT, VERSION = "agip-sparse", "1"
 SPARSE_FILE = "model.agip.safetensors"
@@ -152,13 +152,7 @@ def _write_folder(out: str, overwrite: bool, write) -> None:
     try:
         write(tmp)
         fsync_tree(tmp)
-        if os.path.lexists(out):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}-old-", dir=parent)
-            os.replace(out, os.path.join(old, "x"))
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        swap_in(tmp, out)
         fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
