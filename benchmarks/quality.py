@@ -168,6 +168,11 @@ class Study:
             runs.append(("PLATON (Ī·Ū, GMP's cubic ramp, masks every step)", "platon", {}, 0.5, 0))
         # seeds 1 and 2 of the default at the lower targets (its target against dense fine-tuning)
         runs += [(*default, t, s) for s in (1, 2) for t in sorted(targets) if t != top]
+        # the default scored from the state the previous update wrote, |w_(t-1)|·v_(t-1)^p (the score
+        # that lets the update pass histogram the next step's keys): three seeds at the largest target
+        # beside the default's three; it becomes the default only if it measures better on validation
+        runs += [(f"AGIP default, score of v_(t-1) ({default_label})", "agip",
+                  {**default_overrides, "fisher_moment": "previous"}, top, s) for s in (0, 1, 2)]
         for label, method, ov, target, seed in runs:
             if (self.args.only and not label.startswith(self.args.only)) or \
                     (self.args.seeds is not None and seed not in self.args.seeds):
