@@ -143,6 +143,16 @@ class FlatState:
                 if s.mirrored:
                     local(s.param).copy_(b.w[s.start : s.start + s.numel].view(s.shape))
 
+    def stamp(self) -> tuple:
+        """torch's version counters of w, v and the masks (buckets and parameters): the
+        tuple changes whenever one of them is written in place through torch (``p.mul_``,
+        ``p.copy_``, ``model.load_state_dict``, ``apply_mask``, the optimizer's
+        ``load_state_dict``), but not by the fused kernels' own writes, so a stamp taken after
+        a step equals the next step's unless something else wrote in between (docs/design.md
+        "Scores ahead"). Writes through ``p.data`` bypass torch's counters and are not seen."""
+        return tuple(t._version for b in self.buckets for t in (b.w, b.v, b.mask)) + \
+            tuple(s.param._version for b in self.buckets for s in b.slots)
+
     # --- binding --------------------------------------------------------------------
     def rebind_grads(self) -> None:
         """Make every parameter and every ``p.grad`` a view of its bucket again (docs/design.md:

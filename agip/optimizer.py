@@ -66,6 +66,10 @@ class TAAdamW(torch.optim.Optimizer):
                     st["mask"] = b.mask[sl].view(s.shape)
                     if b.ema is not None:
                         st["saliency_ema"] = b.ema[sl].view(s.shape)
+        # scores ahead (docs/design.md): AGIP's, for the Fisher score of v_(t-1); _stamp: the
+        # version counters of w, v and the masks after the last step (flat.stamp)
+        self._score_ahead, self._stamp = False, None
+        self._fisher_b2 = self._fisher_beta2()
         self._step, self.skipped_steps, self._warned_skip = 0, 0, False
         self._last = dict(theta=None, regrown=0, alpha=1.0, clip=1.0, ta_scale=0.0, grad_norm=None)
         self._losses = core.LossWindow()
@@ -106,8 +110,12 @@ class TAAdamW(torch.optim.Optimizer):
             return self._skip(t, "loss", loss)
         ratio, alpha = self.schedule.propose(t, E)
         pruning = self.schedule.is_pruning_step(t)  # never without a target (TAAdamW)
+        # scores ahead: the update histograms the next pruning step's scores, which that step
+        # may use only if nothing wrote w, v or a mask in place since (torch's version counters)
         plan = core.plan(t, self.param_groups, self.config, pruning and self._selection.in_update,
-                         int(math.floor(ratio * flat.n_prunable_global)), self._fisher_beta2())
+                         int(math.floor(ratio * flat.n_prunable_global)), self._fisher_b2,
+                         score_ahead=self._score_ahead and self.schedule.is_pruning_step(t + 1),
+                         ahead_valid=self._stamp is not None and flat.stamp() == self._stamp)
         flat.sync_in()
         G2 = self.comm.sum_sharded(self.backend.grad_sumsq(flat, plan), flat.device)
         if not math.isfinite(G2):
@@ -118,6 +126,7 @@ class TAAdamW(torch.optim.Optimizer):
         if decision is not None:
             decision.finish(flat)
         flat.sync_out()
+        self._stamp = flat.stamp() if plan.score_ahead else None
         # host-side state changes only after the buffers are updated
         self._step = t
         self.schedule.commit(ratio, E)
@@ -204,6 +213,7 @@ class TAAdamW(torch.optim.Optimizer):
         entry is checked before anything is copied, so a mismatched state dict leaves the
         optimizer as it was."""
         state.load_state_dict(self, state_dict)
+        self._stamp = None  # the next pruning step histograms its own scores
 
 
 class AGIP(TAAdamW):
@@ -244,7 +254,13 @@ class AGIP(TAAdamW):
             raise ValueError(f"target_sparsity={cfg.target_sparsity} but no param group has prune=True: build the "
                              "groups with agip.param_groups(model), or pass target_sparsity=0")
         self._selection = selection.make(self._flat, cfg)
-        self._fisher_beta2()  # refuse prunable groups with different beta2 now, not at the first step
+        self._fisher_b2 = self._fisher_beta2()  # refuse prunable groups with different beta2 now
+        # the Fisher score of v_(t-1) is known once the previous update has written w and v, so
+        # that update histograms it (docs/design.md "Scores ahead"); not under FSDP2, whose
+        # weights are copied into the buckets each step (the version counters cannot tell)
+        self._score_ahead = (cfg.fisher_q >= 0 and cfg.fisher_moment == "previous" and cfg.saliency_ema == 0
+                             and self._selection.in_update and not any(s.mirrored for b in self._flat.buckets
+                                                                       for s in b.slots))
 
     @torch.no_grad()
     def apply_masks(self, masks: dict) -> None:

@@ -35,10 +35,16 @@ def clip_factor(grad_sumsq: float, max_grad_norm: Optional[float]) -> float:
     return 1.0 if max_grad_norm is None else min(1.0, max_grad_norm / (math.sqrt(grad_sumsq) + 1e-6))
 
 
-def plan(step: int, param_groups: list, config, prune: bool, k: int, fisher_beta2: float) -> StepPlan:
+def plan(step: int, param_groups: list, config, prune: bool, k: int, fisher_beta2: float, score_ahead: bool = False,
+         ahead_valid: bool = False) -> StepPlan:
     """The plan of step t before G^2 is known: per-group hyper-parameters, whether the
-    backend's update computes a new mask (``prune``), k = floor(R_t N), and the score's
-    constants rounded to fp32 once (every backend multiplies by the very same numbers)."""
+    backend's update computes a new mask (``prune``), k = floor(R_t N), the score's
+    constants rounded to fp32 once (every backend multiplies by the very same numbers), and
+    whether the update histograms the next step's score (``score_ahead``) and this step may
+    use the histogram the last one made (``ahead_valid``; docs/design.md "Scores ahead")."""
+    if score_ahead and not (config.fisher_q >= 0 and config.fisher_moment == "previous" and config.saliency_ema == 0):
+        raise ValueError("score_ahead needs the Fisher score of v_(t-1) (fisher_moment='previous') without a saliency "
+                         "EMA: any other score reads this step's gradient or EMA")
     keep, new = StepPlan.ema_constants(config.saliency_ema)
     b2, omb2 = StepPlan.fisher_constants(fisher_beta2) if config.fisher_q >= 0 else (0.0, 0.0)
     if config.fisher_q >= 0 and config.fisher_moment == "previous":
@@ -47,7 +53,8 @@ def plan(step: int, param_groups: list, config, prune: bool, k: int, fisher_beta
                                 for g in param_groups]
     return StepPlan(step=step, clip=1.0, ta_scale=0.0, groups=groups, prune=prune, k=k,
                     regrow_fraction=config.regrow_fraction, ema_keep=keep, ema_new=new,
-                    fisher_q=config.fisher_q, fisher_beta2=b2, fisher_omb2=omb2)
+                    fisher_q=config.fisher_q, fisher_beta2=b2, fisher_omb2=omb2, score_ahead=score_ahead,
+                    ahead_valid=ahead_valid)
 
 
 def finish_plan(p: StepPlan, grad_sumsq: float, loss: Optional[float], config) -> None:

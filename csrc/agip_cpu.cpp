@@ -18,6 +18,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <optional>
 #include <type_traits>
 #include <vector>
 #ifdef __AVX512F__
@@ -78,6 +79,19 @@ void with_score(int64_t fisher_q, bool has_ema, F&& f) {
   }
 }
 
+// The key (fp32 bits) of one score for a first-digit histogram over the window [lo, hi]:
+// SKIP_KEY unless counted and inside it; counted scores outside it are only counted (below,
+// above). Bitwise, not short-circuit, logic: branches would stop the callers' loops vectorizing.
+inline uint32_t window_key(float s, bool counted, uint32_t lo, uint32_t hi, int64_t& below, int64_t& above,
+                           int64_t& kept) {
+  const uint32_t k = float_bits(s), b = k >> 16;
+  const bool in = counted & (b >= lo) & (b <= hi);
+  below += counted & (b < lo);
+  above += counted & (b > hi);
+  kept += in;
+  return in ? k : SKIP_KEY;
+}
+
 // The score keys (fp32 bits) of one tile of the prunable segment: saliency of active
 // entries (SALIENCY) or |g| of pruned ones. Keys whose first digit (top 16 bits) lies
 // outside [lo, hi] are only counted (below / above, no scatter) and get SKIP_KEY, as do
@@ -92,14 +106,7 @@ int64_t tile_keys(const T* __restrict__ w, const T* __restrict__ g, const T* __r
     const int64_t i = t0 + j;
     const float s =
         SALIENCY ? saliency<SCORE, HAS_EMA>(w, g, v, mk, ema, i, a) : std::fabs(static_cast<float>(g[i]));
-    // bitwise, not short-circuit, logic: branches here would stop the loop vectorizing
-    const bool counted = SALIENCY ? mk[i] != 0 : mk[i] == 0;
-    const uint32_t k = float_bits(s), b = k >> 16;
-    const bool in = counted & (b >= lo) & (b <= hi);
-    nb += counted & (b < lo);
-    na += counted & (b > hi);
-    kept += in;
-    keys[j] = in ? k : SKIP_KEY;
+    keys[j] = window_key(s, SALIENCY ? mk[i] != 0 : mk[i] == 0, lo, hi, nb, na, kept);
   }
   below += nb;
   above += na;
@@ -249,6 +256,62 @@ struct Candidates {
   }
 };
 
+// A first-digit histogram over the window [lo, hi] that several threads fill (pass A's; the
+// next step's score in the update, docs/design.md "Scores ahead"), with the kept band's keys:
+// each thread counts its tiles into a private WindowLocal and merges it once, at its end.
+struct Window {
+  int32_t* hist;
+  uint32_t lo, hi;
+  Candidates* cands;
+  std::mutex mu;
+  Window(int32_t* h, uint32_t l, uint32_t u, Candidates* c) : hist(h), lo(l), hi(u), cands(c) {}
+};
+
+struct WindowLocal {
+  LocalHist h;
+  int64_t below = 0, above = 0;  // counted scores below / above the window
+  uint32_t kept[TILE], band[TILE];
+  WindowLocal() { h.init(); }
+  // one tile's keys (window_key's, SKIP_KEY included), nk of them kept
+  void add(Window& win, const uint32_t* keys, int64_t len, int64_t nk) {
+    if (nk == 0) return;
+    const int64_t n = compact_keys(keys, len, kept);
+    h.count<16>(kept, n);
+    win.cands->add(kept, n, band);
+  }
+  // the bins next to the window take the scores outside it (below > 0 implies lo > 0)
+  void merge_into(Window& win) {
+    merge(win.mu, h, win.hist);
+    if (below == 0 && above == 0) return;
+    std::lock_guard<std::mutex> lock(win.mu);
+    if (below) win.hist[win.lo - 1] += static_cast<int32_t>(below);
+    if (above) win.hist[win.hi + 1] += static_cast<int32_t>(above);
+  }
+};
+
+// Candidates from optional (cand, cand_n) tensors: cand_n[0] holds the keys already in cand
+// (the update appends, one param group's range after another), -1 once they did not fit.
+void open_candidates(Candidates& c, const c10::optional<torch::Tensor>& cand, const c10::optional<torch::Tensor>& cand_n,
+                     int64_t lo, int64_t hi, bool append) {
+  TORCH_CHECK(cand.has_value() == cand_n.has_value(), "cand and cand_n go together");
+  if (!cand.has_value()) return;
+  TORCH_CHECK(cand->scalar_type() == at::kInt && cand->is_contiguous() && cand->device().is_cpu(),
+              "cand must be a contiguous int32 CPU tensor");
+  TORCH_CHECK(cand_n->scalar_type() == at::kLong && cand_n->numel() == 1, "cand_n must be int64[1]");
+  c.keys = reinterpret_cast<uint32_t*>(cand->data_ptr<int32_t>());
+  c.capacity = cand->numel();
+  c.lo = static_cast<uint32_t>(lo);
+  c.hi = static_cast<uint32_t>(hi);
+  const int64_t n0 = append ? cand_n->item<int64_t>() : 0;
+  TORCH_CHECK(n0 <= c.capacity, "cand_n exceeds cand's size");
+  c.size.store(std::max<int64_t>(n0, 0));
+  c.overflow.store(n0 < 0);
+}
+
+void close_candidates(const Candidates& c, const c10::optional<torch::Tensor>& cand_n) {
+  if (cand_n.has_value()) cand_n->fill_(c.overflow.load() ? int64_t{-1} : c.size.load());
+}
+
 // Pass A. Returns per-chunk partial sums of (g*M)^2 (fp64; zeros without with_sumsq). With
 // with_saliency, adds the top-16-bit histogram of the score of active prunable entries to
 // sal_hist and, with regrowth, that of |g| of pruned entries to grow_hist. Score bins
@@ -272,7 +335,6 @@ torch::Tensor stats(torch::Tensor g, torch::Tensor w, torch::Tensor v, torch::Te
   TORCH_CHECK(mask.numel() == n_prunable, "mask must have n_prunable entries");
   check_hist(sal_hist);
   check_hist(grow_hist);
-  TORCH_CHECK(cand.has_value() == cand_n.has_value(), "cand and cand_n go together");
   const int64_t n = g.numel();
   const int64_t nchunks = (n + CHUNK - 1) / CHUNK;
   auto partial = torch::zeros({nchunks}, torch::dtype(torch::kFloat64));
@@ -284,17 +346,10 @@ torch::Tensor stats(torch::Tensor g, torch::Tensor w, torch::Tensor v, torch::Te
   const ScoreArgs sa = score_args(clip, beta2, omb2, ema_keep, ema_new);
   with_saliency = with_saliency && n_prunable > 0;
   regrow = regrow && n_prunable > 0;
+  TORCH_CHECK(!cand.has_value() || with_saliency, "candidates are the saliency's: with_saliency must be set");
   Candidates cands;
-  if (cand.has_value()) {
-    TORCH_CHECK(cand->scalar_type() == at::kInt && cand->is_contiguous() && cand->device().is_cpu(),
-                "cand must be a contiguous int32 CPU tensor");
-    TORCH_CHECK(cand_n->scalar_type() == at::kLong && cand_n->numel() == 1, "cand_n must be int64[1]");
-    TORCH_CHECK(with_saliency, "candidates are the saliency's: with_saliency must be set");
-    cands.keys = reinterpret_cast<uint32_t*>(cand->data_ptr<int32_t>());
-    cands.capacity = cand->numel();
-    cands.lo = static_cast<uint32_t>(std::max(cand_lo, sal_lo));
-    cands.hi = static_cast<uint32_t>(std::min(cand_hi, sal_hi));
-  }
+  open_candidates(cands, cand, cand_n, std::max(cand_lo, sal_lo), std::min(cand_hi, sal_hi), false);
+  Window win{sh, static_cast<uint32_t>(sal_lo), static_cast<uint32_t>(sal_hi), &cands};
   std::mutex mu;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "agip_stats", [&] {
     const scalar_t* gp = g.data_ptr<scalar_t>();
@@ -304,40 +359,32 @@ torch::Tensor stats(torch::Tensor g, torch::Tensor w, torch::Tensor v, torch::Te
       constexpr int SCORE = decltype(score)::value;
       constexpr bool HAS_EMA = decltype(has_ema)::value;
       at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-        LocalHist ls, lg;
-        if (with_saliency) ls.init();
+        std::optional<WindowLocal> ls;
+        LocalHist lg;
+        if (with_saliency) ls.emplace();
         if (regrow) lg.init();
-        uint32_t keys[TILE], kept[TILE], band[TILE];
-        int64_t below = 0, above = 0, unused = 0;
-        const uint32_t win_lo = static_cast<uint32_t>(sal_lo), win_hi = static_cast<uint32_t>(sal_hi);
+        uint32_t keys[TILE], kept[TILE];
+        int64_t unused = 0;
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t lo = c * CHUNK, hi = std::min(n, lo + CHUNK), mid = std::clamp(n_prunable, lo, hi);
           if (with_sumsq) part[c] = sumsq<true>(gp, mk, lo, mid) + sumsq<false>(gp, mk, mid, hi);
           if (!with_saliency && !regrow) continue;
           for (int64_t t0 = lo; t0 < mid; t0 += TILE) {
             const int64_t len = std::min(TILE, mid - t0);
-            if (with_saliency &&
-                tile_keys<true, SCORE, HAS_EMA>(wp, gp, vp, mk, em, t0, len, sa, win_lo, win_hi, keys, below, above)) {
-              const int64_t nk = compact_keys(keys, len, kept);
-              ls.count<16>(kept, nk);
-              cands.add(kept, nk, band);
-            }
+            if (with_saliency)
+              ls->add(win, keys, len, tile_keys<true, SCORE, HAS_EMA>(wp, gp, vp, mk, em, t0, len, sa, win.lo, win.hi,
+                                                                      keys, ls->below, ls->above));
             if (regrow &&
                 tile_keys<false, -1, false>(wp, gp, vp, mk, em, t0, len, sa, 0, HIST_BINS - 1, keys, unused, unused))
               lg.count<16>(kept, compact_keys(keys, len, kept));
           }
         }
-        merge(mu, ls, sh);
+        if (ls) ls->merge_into(win);
         merge(mu, lg, gh);
-        if (below || above) {
-          std::lock_guard<std::mutex> lock(mu);
-          if (below) sh[win_lo - 1] += static_cast<int32_t>(below);  // below > 0 implies win_lo > 0
-          if (above) sh[win_hi + 1] += static_cast<int32_t>(above);
-        }
       });
     });
   });
-  if (cand_n.has_value()) cand_n->fill_(cands.overflow.load() ? int64_t{-1} : cands.size.load());
+  close_candidates(cands, cand_n);
   return partial;
 }
 
@@ -409,9 +456,26 @@ void refine_keys(torch::Tensor cand, int64_t n, int64_t prefix, torch::Tensor hi
   });
 }
 
-template <typename T, bool PRUNABLE, bool PRUNE_STEP, int SCORE, bool HAS_EMA, bool SCORE_VT = true>
+// Calls f(std::bool_constant<b>...) for the runtime flags b..., so a loop is compiled once per case.
+template <typename F>
+void with_bools(F&& f) {
+  f();
+}
+template <typename F, typename... Rest>
+void with_bools(F&& f, bool first, Rest... rest) {
+  auto bind = [&](auto c) { with_bools([&](auto... cs) { f(c, cs...); }, rest...); };
+  if (first) bind(std::true_type{});
+  else bind(std::false_type{});
+}
+
+// Pass C over [lo, hi). AHEAD (the Fisher score of v_(t-1), no EMA): also the keys of the
+// next step's score |w_t| v_t^(SCORE/4) of the entries that stay active, from the values as
+// stored, into a thread's WindowLocal (docs/design.md "Scores ahead"), one tile at a time.
+template <typename T, bool PRUNABLE, bool PRUNE_STEP, int SCORE, bool HAS_EMA, bool SCORE_VT, bool AHEAD>
 void update_range(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ v,
-                  uint8_t* __restrict__ mask, float* __restrict__ ema, int64_t lo, int64_t hi, const UpdateArgs a) {
+                  uint8_t* __restrict__ mask, float* __restrict__ ema, int64_t lo, int64_t hi, const UpdateArgs a,
+                  Window* win, WindowLocal* ahead) {
+  static_assert(!AHEAD || (PRUNABLE && SCORE >= 0 && !HAS_EMA && !SCORE_VT), "scores ahead: Fisher of v_(t-1), no EMA");
   // scalars in locals: loads through a struct inside the loop block vectorization
   const float decay = a.decay, lw = a.lerp_weight, beta2 = a.beta2, omb2 = a.one_minus_beta2,
               step_size = a.step_size, bc2_sqrt = a.bc2_sqrt, eps = a.eps, clip = a.clip, neg_lr_s = a.neg_lr_s,
@@ -423,48 +487,73 @@ void update_range(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m,
   const float one_minus_lw = 1.0f - lw;
   const bool small = lw < 0.5f;
   const float inf = std::numeric_limits<float>::infinity();
+  const uint32_t win_lo = AHEAD ? win->lo : 0, win_hi = AHEAD ? win->hi : 0;
+  // tiles only for AHEAD (its keys go to the histogram a tile at a time); else one pass
+  const int64_t tile = AHEAD ? TILE : std::max<int64_t>(hi - lo, 1);
+  uint32_t keys[AHEAD ? TILE : 1];
+  for (int64_t t0 = lo; t0 < hi; t0 += tile) {
+    const int64_t t1 = std::min(hi, t0 + tile);
+    int64_t below = 0, above = 0, nk = 0;
 #pragma GCC ivdep
-  for (int64_t i = lo; i < hi; ++i) {
-    const float w0 = static_cast<float>(w[i]), gi = static_cast<float>(g[i]);
-    const float v0 = static_cast<float>(v[i]);
-    float wi = w0, mi = static_cast<float>(m[i]), vi = v0;
-    float ghat, act = 1.f;
-    if constexpr (PRUNABLE) {
-      act = static_cast<float>(mask[i]);
-      ghat = gi * act * clip;  // the gradient of the active network, clipped
-    } else {
-      ghat = gi * clip;
-    }
-    // AdamW and the terminal attractor; vi becomes v_t, which the Fisher score reads
-    agip::adamw(wi, mi, vi, ghat, decay, lw, one_minus_lw, small, beta2, omb2, step_size, bc2_sqrt, eps, neg_lr_s);
-    if constexpr (PRUNABLE) {
-      // the score from pre-update w and raw g (Taylor) or v_t (Fisher), as in stats/refine
-      float s;
-      if constexpr (SCORE_VT) s = agip::score<SCORE>(w0, gi, vi);
-      else s = agip::score<SCORE>(w0, gi, agip::second_moment(v0, ghat, sb2, somb2));
-      if constexpr (HAS_EMA) s = ema[i] * keep + s * fresh;
-      bool kept = act != 0.f;
-      if constexpr (PRUNE_STEP) {
-        const bool grown = act == 0.f && std::fabs(gi) > regrow_theta;
-        kept = (grown ? inf : s) > theta;
-        mask[i] = static_cast<uint8_t>(kept);
+    for (int64_t i = t0; i < t1; ++i) {
+      const float w0 = static_cast<float>(w[i]), gi = static_cast<float>(g[i]);
+      const float v0 = static_cast<float>(v[i]);
+      float wi = w0, mi = static_cast<float>(m[i]), vi = v0;
+      float ghat, act = 1.f;
+      bool kept = true;
+      if constexpr (PRUNABLE) {
+        act = static_cast<float>(mask[i]);
+        ghat = gi * act * clip;  // the gradient of the active network, clipped
+      } else {
+        ghat = gi * clip;
       }
-      wi = kept ? wi : 0.f;
-      mi = kept ? mi : 0.f;
-      vi = kept ? vi : 0.f;
-      if constexpr (HAS_EMA) ema[i] = kept ? s : 0.f;
+      // AdamW and the terminal attractor; vi becomes v_t, which the Fisher score reads
+      agip::adamw(wi, mi, vi, ghat, decay, lw, one_minus_lw, small, beta2, omb2, step_size, bc2_sqrt, eps, neg_lr_s);
+      if constexpr (PRUNABLE) {
+        // the score from pre-update w and raw g (Taylor) or v_t (Fisher), as in stats/refine
+        float s;
+        if constexpr (SCORE_VT) s = agip::score<SCORE>(w0, gi, vi);
+        else s = agip::score<SCORE>(w0, gi, agip::second_moment(v0, ghat, sb2, somb2));
+        if constexpr (HAS_EMA) s = ema[i] * keep + s * fresh;
+        kept = act != 0.f;
+        if constexpr (PRUNE_STEP) {
+          const bool grown = act == 0.f && std::fabs(gi) > regrow_theta;
+          kept = (grown ? inf : s) > theta;
+          mask[i] = static_cast<uint8_t>(kept);
+        }
+        wi = kept ? wi : 0.f;
+        mi = kept ? mi : 0.f;
+        vi = kept ? vi : 0.f;
+        if constexpr (HAS_EMA) ema[i] = kept ? s : 0.f;
+      }
+      const T wt = static_cast<T>(wi), vt = static_cast<T>(vi);
+      w[i] = wt;
+      m[i] = static_cast<T>(mi);
+      v[i] = vt;
+      // the next step's score reads w and v as stored (rounded to T), as its pass A would
+      if constexpr (AHEAD)
+        keys[i - t0] = window_key(agip::score<SCORE>(static_cast<float>(wt), 0.f, static_cast<float>(vt)), kept,
+                                  win_lo, win_hi, below, above, nk);
     }
-    w[i] = static_cast<T>(wi);
-    m[i] = static_cast<T>(mi);
-    v[i] = static_cast<T>(vi);
+    if constexpr (AHEAD) {
+      ahead->below += below;
+      ahead->above += above;
+      ahead->add(*win, keys, t1 - t0, nk);
+    }
   }
 }
 
 // Pass C over [start, end) of one bucket (one param group's range); numbers are
-// agip.backends.UpdateArgs.numbers(), the flags its last three fields.
+// agip.backends.UpdateArgs.numbers(), the flags its last three fields. With ahead_hist
+// (a prunable range, the Fisher score of v_(t-1), no EMA): also adds the first-digit
+// histogram of the next step's score of the entries that stay active over the window
+// [ahead_lo, ahead_hi] (lumps next to it, as stats does), and with cand / cand_n appends
+// the keys in [cand_lo, cand_hi] to cand (cand_n: the count so far, -1 once they did not fit).
 void update(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor v, torch::Tensor mask,
             c10::optional<torch::Tensor> ema, int64_t start, int64_t end, std::vector<double> numbers, bool prunable,
-            bool prune_step, int64_t fisher_q) {
+            bool prune_step, int64_t fisher_q, c10::optional<torch::Tensor> ahead_hist, int64_t ahead_lo,
+            int64_t ahead_hi, c10::optional<torch::Tensor> cand, c10::optional<torch::Tensor> cand_n, int64_t cand_lo,
+            int64_t cand_hi) {
   check_bucket(w, "w");
   TORCH_CHECK(g.scalar_type() == w.scalar_type() && m.scalar_type() == w.scalar_type() && v.scalar_type() == w.scalar_type(),
               "w, g, m, v must share a dtype");
@@ -473,6 +562,21 @@ void update(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor v, 
   const UpdateArgs args = update_args(numbers);
   uint8_t* mk = const_cast<uint8_t*>(mask_ptr(mask));
   float* em = (prunable && ema.has_value()) ? ema->data_ptr<float>() : nullptr;
+  // the score's moment: v_t (unless its constants say v_(t-1)); Taylor ignores it
+  const bool vt = fisher_q < 0 || (args.score_beta2 == args.beta2 && args.score_omb2 == args.one_minus_beta2);
+  const bool ahead = ahead_hist.has_value();
+  TORCH_CHECK(!ahead || (prunable && fisher_q >= 0 && em == nullptr && !vt),
+              "scores ahead need a prunable range, the Fisher score of v_(t-1) and no saliency EMA");
+  TORCH_CHECK(!cand.has_value() || ahead, "candidates are the scores ahead's: pass ahead_hist");
+  Candidates cands;
+  std::optional<Window> win;
+  if (ahead) {
+    check_hist(*ahead_hist);
+    TORCH_CHECK(0 <= ahead_lo && ahead_lo <= ahead_hi && ahead_hi < HIST_BINS, "bad window for the scores ahead");
+    open_candidates(cands, cand, cand_n, std::max(cand_lo, ahead_lo), std::min(cand_hi, ahead_hi), true);
+    win.emplace(ahead_hist->data_ptr<int32_t>(), static_cast<uint32_t>(ahead_lo), static_cast<uint32_t>(ahead_hi),
+                &cands);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "agip_update", [&] {
     scalar_t* wp = w.data_ptr<scalar_t>();
     const scalar_t* gp = g.data_ptr<scalar_t>();
@@ -480,23 +584,32 @@ void update(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor v, 
     scalar_t* vp = v.data_ptr<scalar_t>();
     if (!prunable) {
       at::parallel_for(start, end, CHUNK, [&](int64_t lo, int64_t hi) {
-        update_range<scalar_t, false, false, -1, false>(wp, gp, mp, vp, mk, em, lo, hi, args);
+        update_range<scalar_t, false, false, -1, false, true, false>(wp, gp, mp, vp, mk, em, lo, hi, args, nullptr,
+                                                                     nullptr);
       });
       return;
     }
     with_score(fisher_q, em != nullptr, [&](auto score, auto has_ema) {
       constexpr int SCORE = decltype(score)::value;
       constexpr bool HAS_EMA = decltype(has_ema)::value;
-      at::parallel_for(start, end, CHUNK, [&](int64_t lo, int64_t hi) {
-        // the score's moment: v_t (unless its constants say v_(t-1)); Taylor ignores it
-        const bool vt = SCORE < 0 || (args.score_beta2 == args.beta2 && args.score_omb2 == args.one_minus_beta2);
-        if (prune_step && vt) update_range<scalar_t, true, true, SCORE, HAS_EMA, true>(wp, gp, mp, vp, mk, em, lo, hi, args);
-        else if (prune_step) update_range<scalar_t, true, true, SCORE, HAS_EMA, false>(wp, gp, mp, vp, mk, em, lo, hi, args);
-        else if (vt) update_range<scalar_t, true, false, SCORE, HAS_EMA, true>(wp, gp, mp, vp, mk, em, lo, hi, args);
-        else update_range<scalar_t, true, false, SCORE, HAS_EMA, false>(wp, gp, mp, vp, mk, em, lo, hi, args);
-      });
+      with_bools([&](auto prune_c, auto vt_c, auto ahead_c) {
+        constexpr bool PRUNE = decltype(prune_c)::value, VT = decltype(vt_c)::value, AHEAD = decltype(ahead_c)::value;
+        if constexpr (AHEAD && (SCORE < 0 || HAS_EMA || VT)) {
+          TORCH_CHECK(false, "unreachable: scores ahead were checked above");
+        } else {
+          at::parallel_for(start, end, CHUNK, [&](int64_t lo, int64_t hi) {
+            std::optional<WindowLocal> local;
+            if constexpr (AHEAD) local.emplace();
+            update_range<scalar_t, true, PRUNE, SCORE, HAS_EMA, VT, AHEAD>(wp, gp, mp, vp, mk, em, lo, hi, args,
+                                                                           win ? &*win : nullptr,
+                                                                           local ? &*local : nullptr);
+            if constexpr (AHEAD) local->merge_into(*win);
+          });
+        }
+      }, prune_step, vt, ahead);
     });
   });
+  if (ahead) close_candidates(cands, cand_n);
 }
 
 }  // namespace

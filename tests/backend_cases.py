@@ -192,3 +192,32 @@ def sync_optimizers(src_model, src_opt, dst_model, dst_opt):
     for pa, pb in zip(src_model.parameters(), dst_model.parameters()):
         for key, val in src_opt.state[pa].items():
             dst_opt.state[pb][key].copy_(val)
+
+
+def compare_scores_ahead(backend, k_fracs, device="cpu", regrow=0.0, layout="many", fisher_q=1, valid=None):
+    """Pruning steps of the Fisher score of v_(t-1) with scores ahead: each update also
+    histograms the next step's scores, which the next step's pass A then skips. Every step
+    the reference selects from a copy of the backend's own state (the state its update
+    wrote): theta, the regrowth decision and the masks must be bit-identical. ``valid[i]``
+    False tells step i that something wrote the buffers (the optimizer's version check):
+    it must histogram the scores itself. Returns the backend's DriverState."""
+    from agip.backends import reference
+
+    other, _ = make_flat(layout, pruned=0.0, device=device)
+    ref, _ = make_flat(layout, pruned=0.0)
+    gen = torch.Generator().manual_seed(11)
+    grads = [torch.randn(b.numel, generator=gen) * 1e-2 for b in other.buckets]
+    for step, k_frac in enumerate(k_fracs, start=1):
+        for ob, rb, g in zip(other.buckets, ref.buckets, grads):
+            ob.g.copy_(g * (1 + 0.1 * step))  # gradients that drift, as in training
+            for name in ("w", "g", "m", "v", "mask"):
+                getattr(rb, name).copy_(getattr(ob, name).cpu())
+        plan = make_plan(other, k_frac, regrow=regrow, step=step, fisher_q=fisher_q, moment="previous")
+        plan.score_ahead = step < len(k_fracs)
+        plan.ahead_valid = True if valid is None else valid[step - 1]
+        _, sel_ref = run_backend(reference, ref, plan)
+        _, sel = run_backend(backend, other, plan)
+        assert sel == sel_ref, (step, sel, sel_ref)
+        for rb, ob in zip(ref.buckets, other.buckets):
+            assert torch.equal(rb.mask, ob.mask.cpu()), step
+    return other.scratch[backend._driver.name]

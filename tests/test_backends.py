@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from agip.backends import reference
-from backend_cases import ALL_SCORES, CASES, HYPERS, SCORES, compare_over_steps, compare_with_reference, make_flat, \
-    make_plan, run_backend
+from backend_cases import ALL_SCORES, CASES, HYPERS, SCORES, compare_over_steps, compare_scores_ahead, \
+    compare_with_reference, make_flat, make_plan, run_backend
 
 DEVICES = {"cpp": "cpu", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
 
@@ -106,3 +106,29 @@ def test_previous_moment_scores_the_stored_v():
     P = b.n_prunable
     want = b.w[:P].abs() * reference.sqrt_rn(reference.sqrt_rn(b.v[:P]))
     assert torch.equal(reference.saliency(b, plan), want)
+
+
+# a ramp: theta in the kept band, a jump out of the window (a miss), regrowth, the end of the
+# ramp (k no larger than the entries staying pruned: theta = 0), a step of the ramp again
+RAMP = [0.2, 0.22, 0.24, 0.5, 0.52, 0.52, 0.53]
+
+
+@pytest.mark.parametrize("fisher_q", [1, 2])
+@pytest.mark.parametrize("regrow", [0.0, 0.2])
+def test_scores_ahead_match_reference(fused, fisher_q, regrow):
+    # docs/design.md "Scores ahead": the update of step t histograms S_(t+1) = |w_t| v_t^p, so
+    # step t+1's pass A reads g and the mask only; theta and the masks stay the reference's
+    backend, device = fused
+    st = compare_scores_ahead(backend, RAMP, device=device, regrow=regrow, fisher_q=fisher_q)
+    assert st.ahead_hits == len(RAMP) - 1  # every step after the first used the update's histogram
+    assert st.window_misses >= 1  # the jump to 0.5
+    if backend._driver.k.candidates:
+        assert st.band_hits >= 1  # the kept band, collected by the update
+
+
+def test_scores_ahead_not_used_after_a_write(fused):
+    # a step told that the buffers were written since (ahead_valid False) histograms its own scores
+    backend, device = fused
+    valid = [True, True, False, True, False, True]
+    st = compare_scores_ahead(backend, RAMP[:6], device=device, valid=valid)
+    assert st.ahead_hits == sum(valid[1:])  # steps 2..6, where nothing wrote in between

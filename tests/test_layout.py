@@ -113,3 +113,25 @@ def test_the_cpp_cache_tag_follows_the_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr(backends, "native_target", lambda: "#define __AVX512F__ 1")
     assert len({here, other, backends.cache_dir("cpp")}) == 3
     assert backends.cache_dir("reference").endswith(os.path.basename(here).split("-cpu")[0].replace("cpp", "reference"))
+
+
+@pytest.mark.integration
+def test_a_second_checkout_runs_its_own_kernels(tmp_path):
+    # an editable install maps agip.csrc and agip.kernels to its own checkout; a copy of the
+    # sources (a git worktree of another commit) imported from its root must compile and run
+    # its own C++ sources and Triton kernels, not the installed checkout's
+    import shutil
+    import subprocess
+    import sys
+
+    other = tmp_path / "checkout"
+    for name in ("agip", "csrc", "kernels"):
+        shutil.copytree(os.path.join(ROOT, name), other / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(os.path.join(ROOT, "setup.py"), other / "setup.py")
+    code = ("import agip, agip.backends as b; print(agip.__file__); print(b.source_dir('csrc')); "
+            "print(b.source_dir('kernels')); import agip.backends.triton; import agip.kernels as k; print(k.__file__)")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ""}
+    out = subprocess.run([sys.executable, "-c", code], cwd=other, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.split()
+    assert len(lines) == 4 and all(line.startswith(str(other)) for line in lines), lines

@@ -70,6 +70,12 @@ class StepPlan:
     fisher_q: int = -1
     fisher_beta2: float = 0.0
     fisher_omb2: float = 0.0
+    # Scores ahead (fisher_moment="previous"; docs/design.md "Scores ahead"): the update also
+    # histograms the next step's score S_(t+1) = |w_t| v_t^p from the values it writes
+    # (score_ahead), and this step's pass A may use what the previous update histogrammed
+    # (ahead_valid: nothing has written w, v or a mask in place since that step).
+    score_ahead: bool = False
+    ahead_valid: bool = False
     theta: float = -1.0  # filled by select: M' = (S > theta); -1 keeps every entry
     regrow_theta: float = math.inf  # filled by select: regrow pruned entries with |g| > it
 
@@ -234,16 +240,33 @@ def cache_dir(kind: str) -> str:
     return path
 
 
+def source_dir(name: str):
+    """The folder of this agip's ``csrc`` (C++ sources) or ``kernels`` (Triton kernels): the
+    installed subpackage ``agip/<name>``, or in a source checkout (``agip/`` beside ``<name>/``
+    and ``setup.py``) that checkout's ``<name>/``. Never another checkout's: an editable install
+    maps ``agip.csrc`` / ``agip.kernels`` to its own folders, so a second checkout or a git
+    worktree imported from its root would otherwise compile and run the installed one's kernels."""
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1]
+    if (package / name).is_dir():
+        return package / name
+    checkout = package.parent
+    if (checkout / "setup.py").is_file() and (checkout / name / "__init__.py").is_file():
+        return checkout / name
+    from importlib import resources
+
+    return resources.files(f"agip.{name}")
+
+
 def load_extension(kind: str, name: str, sources, headers=(), hint: str = "", **flags):
     """Compile ``csrc`` sources into an extension (or load the cached build) with
     ``torch.utils.cpp_extension.load`` and ninja, in :func:`cache_dir` ``(kind)``; rebuilt
     when a source, a header in ``headers`` or a flag changes. A failed build raises
     ImportError naming the cause (so ``backend="auto"`` can fall back with one warning)."""
-    from importlib import resources
-
     from torch.utils import cpp_extension
 
-    src = resources.files("agip.csrc")
+    src = source_dir("csrc")
     if headers:  # torch hashes the sources and flags to decide a rebuild: the headers go into a flag
         digest = hashlib.sha256(b"".join(src.joinpath(h).read_bytes() for h in headers)).hexdigest()[:16]
         flags["extra_cflags"] = [*flags.get("extra_cflags", []), f"-DAGIP_HEADERS_SHA={digest}"]

@@ -14,15 +14,23 @@ A fused backend supplies a :class:`Kernels` bundle with one signature per pass:
   n, prefix, hist)`` then gives a second digit in that band without a pass over the buckets;
 - ``refine(g, w, v, mask, ema, n_prunable, prefix, saliency, *ScoreArgs, hist)``: adds the
   second-digit histogram of the values in bin ``prefix``;
-- ``update(w, g, m, v, mask, ema, start, end, args)``: pass C over one group's range, with
-  ``args`` an :class:`~agip.backends.UpdateArgs`.
+- ``update(w, g, m, v, mask, ema, start, end, args[, ahead])``: pass C over one group's
+  range, with ``args`` an :class:`~agip.backends.UpdateArgs`. A backend whose ``ahead`` flag
+  is set takes ``ahead = (hist, lo, hi, cand, cand_n, cand_lo, cand_hi)`` (or None) for a
+  prunable range: it then also adds the first-digit histogram of the *next* step's score
+  (the Fisher score of v_(t-1), which the values it writes determine) of the entries that
+  stay active over the window ``[lo, hi]``, and with ``cand`` appends the keys in
+  ``[cand_lo, cand_hi]`` (``cand_n``: the count so far; -1 once they did not fit).
 
 The score is Taylor (``fisher_q = -1``) or Fisher ``|w| v_t^(q/4)`` (algorithm.md §2.1b).
 The Fisher score of v_t needs the clip factor, known only once G^2 is summed, so on its
 pruning steps pass A computes G^2 alone and ``select`` runs the stats kernel a second
 time for the score's histogram; the Fisher score of v_(t-1) (``fisher_moment="previous"``)
-is histogrammed in pass A, as Taylor's is. The driver's own state (histograms, the window around the
-previous theta, the kept band, counters) is a :class:`DriverState` in ``flat.scratch``.
+is histogrammed in pass A, as Taylor's is, or, when the plan says so, by the previous step's
+update ("scores ahead", docs/design.md): that update wrote w and v, so it knows this step's
+scores, and this step's pass A reads g and the mask only, as a non-pruning one does. The
+driver's own state (histograms, the window around the previous theta, the kept band,
+counters) is a :class:`DriverState` in ``flat.scratch``.
 """
 from __future__ import annotations
 
@@ -72,6 +80,7 @@ class Kernels:
     update: Callable
     refine_keys: Optional[Callable] = None
     candidates: bool = False  # stats collects candidate keys, and refine_keys reads them
+    ahead: bool = False  # update histograms the next step's score (the Fisher score of v_(t-1))
 
     def __post_init__(self):
         if self.candidates != (self.refine_keys is not None):
@@ -91,8 +100,10 @@ class DriverState:
     theta_moved: Optional[int] = None  # how far it moved at the previous pruning step
     cand_buf: Optional[torch.Tensor] = None  # kept: allocating it each step costs more in page faults
     cand_caps: Optional[List[int]] = None
+    ahead_step: Optional[int] = None  # sal, window, band and cand hold this step's scores, made ahead
     band_hits: int = 0  # counters for tests and benchmarks
     window_misses: int = 0
+    ahead_hits: int = 0  # pruning steps whose first digit the previous update histogrammed
 
     def forget_theta(self) -> None:
         """As before a first pruning step: no previous theta, a full first-digit histogram."""
@@ -121,32 +132,41 @@ class FusedDriver:
             st.cand_buf = torch.empty(sum(st.cand_caps), dtype=torch.int32)
         return list(torch.split(st.cand_buf, st.cand_caps))
 
-    def _pass_a(self, flat, plan: StepPlan, window, saliency: bool, regrow: bool, sumsq: bool = True) -> float:
+    def _open_window(self, flat, window, saliency: bool) -> list:
+        """Start a first-digit histogram of the score over ``window`` (pass A's, or the
+        update's for the next step): zero it, choose the kept band; returns per bucket the
+        (keys buffer, count) the kernels fill, or (None, None)."""
         st = self.state(flat)
         band = self._band(st, window) if saliency and self.k.candidates else None
         if saliency:
             st.sal.zero_()
-            st.window, st.band, st.cand = window, band, None
+            st.window, st.band, st.cand, st.ahead_step = window, band, None, None
+        bufs = self._candidate_buffers(flat) if band else [None] * len(flat.buckets)
+        return [(buf, torch.zeros(1, dtype=torch.int64) if buf is not None else None) for buf in bufs]
+
+    def _close_window(self, flat, cands: list) -> None:
+        """Keep the band's keys if every bucket's fitted; sum the counts over ranks."""
+        st = self.state(flat)
+        if st.band and all(int(n) >= 0 for _, n in cands):
+            st.cand = [(buf, int(n)) for buf, n in cands]
+        # sharded parameters (FSDP2): the first digits of every rank's entries (algorithm.md §6)
+        flat.comm.sum_counts(st.sal)
+
+    def _pass_a(self, flat, plan: StepPlan, window, saliency: bool, regrow: bool, sumsq: bool = True) -> float:
+        st = self.state(flat)
+        cands = self._open_window(flat, window, saliency)
         if regrow:
             st.grow.zero_()
         # a pass for the score alone (G^2 already known) walks the prunable segment only
         end = (lambda b: b.numel) if sumsq else (lambda b: b.n_prunable)
-        bufs = self._candidate_buffers(flat) if band else [None] * len(flat.buckets)
-        partials, cands = [], []
-        for b, buf in zip(flat.buckets, bufs):
-            extra = ()
-            if self.k.candidates:
-                n = torch.zeros(1, dtype=torch.int64) if buf is not None else None
-                cands.append((buf, n))
-                extra = (sumsq, buf, n, *(band or (0, -1)))
+        partials = []
+        for b, (buf, n) in zip(flat.buckets, cands):
+            extra = (sumsq, buf, n, *((st.band if saliency else None) or (0, -1))) if self.k.candidates else ()
             partials.append(self.k.stats(b.g[: end(b)], b.w[: end(b)], b.v[: end(b)], b.mask, b.ema, b.n_prunable,
                                          saliency, regrow, *plan.score_args(), window[0], window[1], st.sal, st.grow,
                                          *extra))
-        if band and all(int(n) >= 0 for _, n in cands):
-            st.cand = [(buf, int(n)) for buf, n in cands]
-        # sharded parameters (FSDP2): the first digits of every rank's entries (algorithm.md §6)
         if saliency:
-            flat.comm.sum_counts(st.sal)
+            self._close_window(flat, cands)
         if regrow:
             flat.comm.sum_counts(st.grow)
         return float(torch.cat([p.double() for p in partials]).sum()) if sumsq else 0.0
@@ -175,7 +195,11 @@ class FusedDriver:
         """Pass A over every bucket: G^2 (fixed-order fp64 sum of per-block partials) and,
         on pruning steps, the first-digit histograms (windowed around the last theta); the
         Fisher score's histogram waits for the clip factor (``select``)."""
-        return self._pass_a(flat, plan, self._window(self.state(flat)), saliency=plan.prune and not plan.score_needs_clip,
+        st = self.state(flat)
+        # scores ahead: the previous update histogrammed this step's scores from the values it wrote
+        ahead = plan.prune and plan.ahead_valid and st.ahead_step == plan.step
+        st.ahead_hits += ahead
+        return self._pass_a(flat, plan, self._window(st), saliency=plan.prune and not plan.score_needs_clip and not ahead,
                             regrow=plan.prune and plan.regrow_fraction > 0)
 
     def _histogram(self, flat, plan, first: torch.Tensor, saliency: bool, extra: dict, window=FULL):
@@ -249,8 +273,23 @@ class FusedDriver:
         return Selection(theta=theta, regrow_theta=regrow_theta, n_regrown=n_regrown)
 
     def update(self, flat, plan: StepPlan) -> None:
-        """Pass C over each param group's range of each bucket (docs/algorithm.md §1.3-1.6)."""
-        for b in flat.buckets:
+        """Pass C over each param group's range of each bucket (docs/algorithm.md §1.3-1.6);
+        with ``plan.score_ahead``, also the first digits of the next step's scores, over the
+        window and band the next pass A would use (this step's theta is known by now)."""
+        st = self.state(flat)
+        ahead = self.k.ahead and plan.score_ahead
+        st.ahead_step = None
+        window = self._window(st)
+        cands = self._open_window(flat, window, saliency=True) if ahead else [(None, None)] * len(flat.buckets)
+        for b, (buf, n) in zip(flat.buckets, cands):
             for gi, start, end in b.ranges:
-                args = UpdateArgs.of(plan, plan.groups[gi], prunable=end <= b.n_prunable)
-                self.k.update(b.w, b.g, b.m, b.v, b.mask, b.ema, start, end, args)
+                prunable = end <= b.n_prunable
+                args = UpdateArgs.of(plan, plan.groups[gi], prunable=prunable)
+                if self.k.ahead:
+                    spec = (st.sal, *window, buf, n, *(st.band or (0, -1))) if ahead and prunable else None
+                    self.k.update(b.w, b.g, b.m, b.v, b.mask, b.ema, start, end, args, spec)
+                else:
+                    self.k.update(b.w, b.g, b.m, b.v, b.mask, b.ema, start, end, args)
+        if ahead:
+            self._close_window(flat, cands)
+            st.ahead_step = plan.step + 1

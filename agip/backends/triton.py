@@ -9,9 +9,31 @@ import os
 
 import torch
 
+from . import source_dir
 from .fused import FusedDriver, Kernels
 
+def _own_kernels() -> None:
+    """Import ``agip.kernels`` from this agip's own folder (agip.backends.source_dir), not
+    from the checkout an editable install maps it to."""
+    import importlib.util
+    import sys
+
+    if "agip.kernels" in sys.modules:
+        return
+    folder = source_dir("kernels")
+    spec = importlib.util.spec_from_file_location("agip.kernels", str(folder / "__init__.py"),
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["agip.kernels"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["agip.kernels"]
+        raise
+
+
 try:
+    _own_kernels()
     from agip import kernels
     from agip.kernels.refine import refine as _refine
     from agip.kernels.stats import stats as _stats
@@ -36,5 +58,6 @@ _driver = FusedDriver("triton", Kernels(
     stats=lambda *a: _stats(*a, block=block),
     refine=lambda *a: _refine(*a, block=block),
     update=lambda *a: _update(*a, block=block),
+    ahead=True,
 ))
 grad_sumsq, select, update = _driver.grad_sumsq, _driver.select, _driver.update
