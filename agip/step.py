@@ -47,8 +47,10 @@ def plan(step: int, param_groups: list, config, prune: bool, k: int, fisher_beta
                          "EMA: any other score reads this step's gradient or EMA")
     keep, new = StepPlan.ema_constants(config.saliency_ema)
     b2, omb2 = StepPlan.fisher_constants(fisher_beta2) if config.fisher_q >= 0 else (0.0, 0.0)
-    if config.fisher_q >= 0 and config.fisher_moment == "previous":
-        b2, omb2 = 1.0, 0.0  # v * 1 + 0 * ghat^2 = v exactly: the score reads v_(t-1) as stored
+    if config.fisher_q >= 0 and config.fisher_moment == "previous" and step > 1:
+        # v * 1 + 0 * ghat^2 = v exactly: the score reads v_(t-1) as stored. Not at step 1:
+        # v_0 = 0 would score every entry 0 and a tie at theta = 0 prunes them all
+        b2, omb2 = 1.0, 0.0
     groups: List[GroupHyper] = [GroupHyper(g["lr"], g["weight_decay"], g["betas"][0], g["betas"][1], g["eps"])
                                 for g in param_groups]
     return StepPlan(step=step, clip=1.0, ta_scale=0.0, groups=groups, prune=prune, k=k,

@@ -17,7 +17,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import _checkout  # noqa: E402,F401  (this checkout's agip, its root off sys.path)
 
 import torch  # noqa: E402
 

@@ -19,7 +19,7 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import _checkout  # noqa: E402,F401  (this checkout's agip, its root off sys.path)
 
 
 def optimizer_bytes(opt) -> dict:

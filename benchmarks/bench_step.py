@@ -28,13 +28,31 @@ import time
 
 import torch
 
+import _checkout  # noqa: F401  (this checkout's agip, its root off sys.path)
 import agip
 from agip import backends
 
 # bytes moved per step by the byte model of docs/design.md (fp32, 1-byte mask), as
 # (per parameter, extra per prunable parameter)
-BYTES = {"step": (32, 2), "prune-taylor": (32, 7), "prune-fisher": (32, 16), "prune-fisher-prev": (32, 11),
+# "-exp": the same step at the start of an exponential ramp (T = 100, tau = 15: the study's),
+# where theta moves by less each step but not as its last move predicts, so the kept band can
+# miss (then pass B reads 9-13 B more; the rows count band hits and window misses)
+BYTES = {"step": (32, 2), "prune-taylor": (32, 7), "prune-fisher": (32, 16), "prune-fisher-exp": (32, 16),
+         "prune-fisher-prev": (32, 2), "prune-fisher-prev-exp": (32, 2), "prune-fisher-prev-pass-a": (32, 11),
          "prune-first": (32, 29)}
+# kind -> (prune_interval, saliency, fisher_moment, schedule, scores ahead)
+KINDS = {
+    "step": (10**9, "fisher", "current", "cubic", True),
+    "prune-taylor": (1, "taylor", "current", "cubic", True),
+    "prune-fisher": (1, "fisher", "current", "cubic", True),
+    "prune-fisher-exp": (1, "fisher", "current", "exp", True),
+    # the Fisher score of v_(t-1): the previous update histogrammed this step's scores (pass A
+    # reads g and the mask only, as a non-pruning step); "-pass-a": the same score from pass A
+    "prune-fisher-prev": (1, "fisher", "previous", "cubic", True),
+    "prune-fisher-prev-exp": (1, "fisher", "previous", "exp", True),
+    "prune-fisher-prev-pass-a": (1, "fisher", "previous", "cubic", False),
+    "prune-first": (1, "fisher", "current", "cubic", True),
+}
 HIDDEN, INTER, KV, VOCAB, LAYERS = 576, 1536, 192, 49152, 30
 LAYER_SHAPES = [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN),
                 (INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER)]
@@ -99,6 +117,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_step-<device>.json)")
+    ap.add_argument("--kinds", nargs="+", choices=sorted(KINDS), default=list(KINDS),
+                    help="which AGIP steps to time (each holds a model-sized state: fewer kinds, less memory)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -124,19 +144,22 @@ def main(argv=None):
         n_params = sum(p.numel() for p in base_params)
         n_prunable = sum(p.numel() for p in base_params[: len(prunable_shapes)])
         calls = args.warmup + args.reps + 1
+        opts = {}
         for name in names:
-            for kind, interval, saliency, moment in (
-                    ("step", 10**9, "fisher", "current"), ("prune-taylor", 1, "taylor", "current"),
-                    ("prune-fisher", 1, "fisher", "current"), ("prune-fisher-prev", 1, "fisher", "previous"),
-                    ("prune-first", 1, "fisher", "current")):
+            for kind in args.kinds:
+                interval, saliency, moment, shape, ahead = KINDS[kind]
                 params = make_params(prunable_shapes + other_shapes, device, 0)
                 groups = [{"params": params[: len(prunable_shapes)], "prune": True},
                           {"params": params[len(prunable_shapes):], "weight_decay": 0.0}]
-                # a cubic ramp to 50% that is still climbing at the last timed call: every
-                # pruning step prunes new entries above the previous theta
-                opt = agip.AGIP(groups, target_sparsity=0.5, schedule="cubic", total_steps=2 * calls, warmup_steps=0,
+                # a cubic ramp to 50% that is still climbing at the last timed call (every
+                # pruning step prunes new entries above the previous theta), or the start of
+                # the study's exponential ramp (T = 100: tau = 15 steps)
+                opt = agip.AGIP(groups, target_sparsity=0.5, schedule=shape,
+                                total_steps=2 * calls if shape == "cubic" else 100, warmup_steps=0,
                                 prune_interval=interval, saliency=saliency, fisher_moment=moment, ta_gamma=0.0,
                                 stability=False, backend=name)
+                opt._score_ahead = opt._score_ahead and ahead
+                opts[(name, kind)] = opt
                 if kind == "prune-first":  # as a first pruning step: no previous theta, full histogram
 
                     def first(o=opt, name=name):
@@ -158,16 +181,23 @@ def main(argv=None):
             if name != "torch-fused-adamw+clip":
                 per_param, per_prunable = BYTES[kind]
                 row["gbps_by_model"] = (per_param * n_params + per_prunable * n_prunable) / med / 1e9
+                st = opts[(name, kind)]._flat.scratch.get(name)
+                if st is not None:  # how the thresholds were found, over every call (warm-up included)
+                    row.update(calls=args.warmup + args.reps, band_hits=st.band_hits, window_misses=st.window_misses,
+                               ahead_hits=st.ahead_hits)
             rows.append(row)
-        del configs, base_params, base_opt
+        del configs, opts, base_params, base_opt
 
     print(f"device: {device_name(device)}   torch {torch.__version__}   reps {args.reps} (medians)")
-    header = f"{'params':>8} {'backend':<24} {'step':<17} {'median ms':>10} {'GB/s (model)':>13} {'x fused AdamW':>14}"
+    header = (f"{'params':>8} {'backend':<24} {'step':<25} {'median ms':>10} {'GB/s (model)':>13} "
+              f"{'x fused AdamW':>14} {'band / miss / ahead':>20}")
     print(header)
     print("-" * len(header))
     for r in rows:
         gb = f"{r['gbps_by_model']:.1f}" if "gbps_by_model" in r else "-"
-        print(f"{r['size_m']:>7}M {r['backend']:<24} {r['step']:<17} {r['median_ms']:>10.2f} {gb:>13} {r['ratio_to_fused_adamw']:>14.2f}")
+        hits = f"{r['band_hits']} / {r['window_misses']} / {r['ahead_hits']}" if "band_hits" in r else "-"
+        print(f"{r['size_m']:>7}M {r['backend']:<24} {r['step']:<25} {r['median_ms']:>10.2f} {gb:>13} "
+              f"{r['ratio_to_fused_adamw']:>14.2f} {hits:>20}")
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"bench_step-{device.type}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:

@@ -23,7 +23,7 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import _checkout  # noqa: E402,F401  (this checkout's agip, its root off sys.path)
 
 import agip  # noqa: E402
 from agip.data import join, load_corpus  # noqa: E402

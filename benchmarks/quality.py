@@ -30,7 +30,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import _checkout  # noqa: E402,F401  (this checkout's agip, its root off sys.path)
 
 from agip import checkpoint  # noqa: E402
 from agip.train import EvalCache, FinetuneConfig, finetune  # noqa: E402

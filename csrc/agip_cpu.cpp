@@ -475,7 +475,7 @@ template <typename T, bool PRUNABLE, bool PRUNE_STEP, int SCORE, bool HAS_EMA, b
 void update_range(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m, T* __restrict__ v,
                   uint8_t* __restrict__ mask, float* __restrict__ ema, int64_t lo, int64_t hi, const UpdateArgs a,
                   Window* win, WindowLocal* ahead) {
-  static_assert(!AHEAD || (PRUNABLE && SCORE >= 0 && !HAS_EMA && !SCORE_VT), "scores ahead: Fisher of v_(t-1), no EMA");
+  static_assert(!AHEAD || (PRUNABLE && SCORE >= 0 && !HAS_EMA), "scores ahead: the Fisher score, no EMA");
   // scalars in locals: loads through a struct inside the loop block vectorization
   const float decay = a.decay, lw = a.lerp_weight, beta2 = a.beta2, omb2 = a.one_minus_beta2,
               step_size = a.step_size, bc2_sqrt = a.bc2_sqrt, eps = a.eps, clip = a.clip, neg_lr_s = a.neg_lr_s,
@@ -565,8 +565,9 @@ void update(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor v, 
   // the score's moment: v_t (unless its constants say v_(t-1)); Taylor ignores it
   const bool vt = fisher_q < 0 || (args.score_beta2 == args.beta2 && args.score_omb2 == args.one_minus_beta2);
   const bool ahead = ahead_hist.has_value();
-  TORCH_CHECK(!ahead || (prunable && fisher_q >= 0 && em == nullptr && !vt),
-              "scores ahead need a prunable range, the Fisher score of v_(t-1) and no saliency EMA");
+  // (this step's own score may still be of v_t: step 1, algorithm.md §2.1b)
+  TORCH_CHECK(!ahead || (prunable && fisher_q >= 0 && em == nullptr),
+              "scores ahead need a prunable range, the Fisher score and no saliency EMA");
   TORCH_CHECK(!cand.has_value() || ahead, "candidates are the scores ahead's: pass ahead_hist");
   Candidates cands;
   std::optional<Window> win;
@@ -594,7 +595,7 @@ void update(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor v, 
       constexpr bool HAS_EMA = decltype(has_ema)::value;
       with_bools([&](auto prune_c, auto vt_c, auto ahead_c) {
         constexpr bool PRUNE = decltype(prune_c)::value, VT = decltype(vt_c)::value, AHEAD = decltype(ahead_c)::value;
-        if constexpr (AHEAD && (SCORE < 0 || HAS_EMA || VT)) {
+        if constexpr (AHEAD && (SCORE < 0 || HAS_EMA)) {
           TORCH_CHECK(false, "unreachable: scores ahead were checked above");
         } else {
           at::parallel_for(start, end, CHUNK, [&](int64_t lo, int64_t hi) {

@@ -128,7 +128,7 @@ def test_quality_quick_runs_every_phase_and_resumes(gpt2_dir, corpus_dir, tmp_pa
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert res.stdout.count("[lr]") == 0 and res.stdout.count("[select]") == 0  # recorded runs are not redone
     rows = json.loads((tmp_path / "study-2.json").read_text())["rows"]
-    assert len(rows) == 3 + 4 + 20 and len({r["key"] for r in rows}) == len(rows)
+    assert len(rows) == 3 + 4 + 23 and len({r["key"] for r in rows}) == len(rows)
     assert sum(1 for r in rows if r.get("sparsity_pattern") == "2:4") == 1
     assert {r["method"] for r in rows} == {"adamw", "gmp", "magnitude", "wanda", "agip", "platon"}
     assert {r["target"] for r in rows} == {0.0, 0.3, 0.5}

@@ -50,6 +50,14 @@ def assert_same(a, b):
     assert oa.sparsity_report()["theta"] == ob.sparsity_report()["theta"]
 
 
+def test_the_first_step_scores_by_v_1():
+    # algorithm.md §2.1b: at step 1 v_0 = 0 would tie every score at 0 and prune everything
+    model, opt = make(warmup_steps=0)  # step 1 prunes
+    train(model, opt, 1)
+    n, pruned = opt._flat.n_prunable, opt.sparsity_report()["n_pruned"]
+    assert 0 < pruned < 0.5 * n
+
+
 def test_which_configurations_score_ahead():
     assert make()[1]._score_ahead
     for kw in (dict(fisher_moment="current"), dict(saliency="taylor"), dict(saliency_ema=0.5),
@@ -64,7 +72,8 @@ def test_scores_ahead_change_nothing():
     assert_same(with_ahead, without)
     assert hits(with_ahead[1]) == STEPS - 1  # every pruning step after the first (t >= 1 prunes)
     assert hits(without[1]) == 0
-    assert with_ahead[1].sparsity_report()["n_pruned"] >= int(0.6 * with_ahead[1]._flat.n_prunable)
+    n, pruned = with_ahead[1]._flat.n_prunable, with_ahead[1].sparsity_report()["n_pruned"]
+    assert int(0.6 * n) <= pruned <= int(0.65 * n)  # the target, not every entry (ties at theta = 0)
 
 
 def writes_between_steps(t, model, opt):
