@@ -55,16 +55,18 @@ def make_configs(model, backend: str, total_steps: int):
 
     configs[f"agip.TAAdamW(ta_gamma=0), {backend}"] = (m, ta_step)
 
-    m = copy.deepcopy(model)
-    # every timed step is a pruning step of a ramp: theta > 0 and new entries pruned each step
-    opt = agip.AGIP(agip.param_groups(m), lr=5e-5, target_sparsity=0.5, total_steps=total_steps, warmup_steps=0,
-                    prune_interval=1, backend=backend)
+    # every timed step is a pruning step of a ramp: theta > 0 and new entries pruned each step;
+    # the default's score (v_t), and the score of v_(t-1), which the previous update histograms
+    for moment, label in (("current", ""), ("previous", " of v_(t-1)")):
+        m = copy.deepcopy(model)
+        opt = agip.AGIP(agip.param_groups(m), lr=5e-5, target_sparsity=0.5, total_steps=total_steps, warmup_steps=0,
+                        prune_interval=1, fisher_moment=moment, backend=backend)
 
-    def agip_step(opt=opt, loss=None):
-        opt.step(loss=loss)
-        opt.zero_grad()
+        def agip_step(opt=opt, loss=None):
+            opt.step(loss=loss)
+            opt.zero_grad()
 
-    configs[f"AGIP pruning every step ({opt.config.saliency}), {backend}"] = (m, agip_step)
+        configs[f"AGIP pruning every step ({opt.config.saliency}{label}), {backend}"] = (m, agip_step)
     return configs
 
 
@@ -130,11 +132,11 @@ def main(argv=None):
                          samples=len(t["total"])))
     print(f"{args.model} on {device}, {torch.get_num_threads()} threads, {tokens} tokens/step, "
           f"{'fp32' if args.fp32 else 'bf16 autocast'}, medians of {rows[0]['samples']} steps")
-    header = f"{'configuration':<44} {'fwd+bwd s':>10} {'opt step s':>11} {'step s':>8} {'tokens/s':>9} {'vs AdamW':>9}"
+    header = f"{'configuration':<52} {'fwd+bwd s':>10} {'opt step s':>11} {'step s':>8} {'tokens/s':>9} {'vs AdamW':>9}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['config']:<44} {r['fwd_bwd_s']:>10.3f} {r['opt_step_s']:>11.3f} {r['step_s']:>8.3f} "
+        print(f"{r['config']:<52} {r['fwd_bwd_s']:>10.3f} {r['opt_step_s']:>11.3f} {r['step_s']:>8.3f} "
               f"{r['tokens_per_s']:>9.1f} {r['tokens_per_s_vs_adamw']:>9.3f}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
