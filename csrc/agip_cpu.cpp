@@ -48,11 +48,15 @@ using agip::UpdateArgs;
 // The score of entry i (algorithm.md §2.1, §2.1b) from pre-update w, raw g (Taylor) or
 // v_t = beta2 v + (1 - beta2) ghat^2 with ghat = g M c (Fisher), then its EMA; every
 // product and sum rounded separately, in the reference backend's order.
-template <int SCORE, bool HAS_EMA, typename T>
+// STORED: the Fisher score of v as stored (the next step's score of v_(t-1)), which
+// v * 1 + 0 * ghat^2 equals exactly for a finite ghat: without reading g.
+template <int SCORE, bool HAS_EMA, typename T, bool STORED = false>
 inline float saliency(const T* __restrict__ w, const T* __restrict__ g, const T* __restrict__ v,
                       const uint8_t* __restrict__ mk, const float* __restrict__ ema, int64_t i, const ScoreArgs& a) {
   float vt = 0.f;
-  if constexpr (SCORE >= 0) {
+  if constexpr (SCORE >= 0 && STORED) {
+    vt = static_cast<float>(v[i]);
+  } else if constexpr (SCORE >= 0) {
     const float ghat = static_cast<float>(g[i]) * static_cast<float>(mk[i]) * a.clip;
     vt = agip::second_moment(static_cast<float>(v[i]), ghat, a.beta2, a.omb2);
   }
@@ -96,7 +100,7 @@ inline uint32_t window_key(float s, bool counted, uint32_t lo, uint32_t hi, int6
 // entries (SALIENCY) or |g| of pruned ones. Keys whose first digit (top 16 bits) lies
 // outside [lo, hi] are only counted (below / above, no scatter) and get SKIP_KEY, as do
 // entries not counted. Branch-free: vectorizes. Returns the number of keys kept.
-template <bool SALIENCY, int SCORE, bool HAS_EMA, typename T>
+template <bool SALIENCY, int SCORE, bool HAS_EMA, typename T, bool STORED = false>
 int64_t tile_keys(const T* __restrict__ w, const T* __restrict__ g, const T* __restrict__ v,
                   const uint8_t* __restrict__ mk, const float* __restrict__ ema, int64_t t0, int64_t len,
                   const ScoreArgs a, uint32_t lo, uint32_t hi, uint32_t* __restrict__ keys, int64_t& below,
@@ -105,7 +109,7 @@ int64_t tile_keys(const T* __restrict__ w, const T* __restrict__ g, const T* __r
   for (int64_t j = 0; j < len; ++j) {
     const int64_t i = t0 + j;
     const float s =
-        SALIENCY ? saliency<SCORE, HAS_EMA>(w, g, v, mk, ema, i, a) : std::fabs(static_cast<float>(g[i]));
+        SALIENCY ? saliency<SCORE, HAS_EMA, T, STORED>(w, g, v, mk, ema, i, a) : std::fabs(static_cast<float>(g[i]));
     keys[j] = window_key(s, SALIENCY ? mk[i] != 0 : mk[i] == 0, lo, hi, nb, na, kept);
   }
   below += nb;
@@ -160,6 +164,25 @@ template <bool MASKED, typename T>
 double sumsq(const T* __restrict__ g, const uint8_t* __restrict__ mask, int64_t lo, int64_t hi) {
   double acc[LANES] = {0};
   int64_t i = lo;
+#ifdef __AVX512F__
+  // fp32 buffers: the same sums, lane for lane (so the same bits), in two 8-lane double
+  // registers; GCC's own vectorization of the loop below converts far more slowly (an
+  // Intel Xeon: 50 -> 29 ms for 64M entries on one thread)
+  if constexpr (std::is_same_v<T, float>) {
+    __m512d lo8 = _mm512_setzero_pd(), hi8 = _mm512_setzero_pd();
+    for (; i + LANES <= hi; i += LANES) {
+      __m512 x = _mm512_loadu_ps(g + i);
+      if constexpr (MASKED)
+        x = _mm512_mul_ps(x, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                 _mm_loadu_si128(reinterpret_cast<const __m128i*>(mask + i)))));
+      const __m512 sq = _mm512_mul_ps(x, x);
+      lo8 = _mm512_add_pd(lo8, _mm512_cvtps_pd(_mm512_castps512_ps256(sq)));
+      hi8 = _mm512_add_pd(hi8, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sq), 1))));
+    }
+    _mm512_storeu_pd(acc, lo8);
+    _mm512_storeu_pd(acc + 8, hi8);
+  }
+#endif
   for (; i + LANES <= hi; i += LANES) {
     for (int j = 0; j < LANES; ++j) {
       float x = static_cast<float>(g[i + j]);
@@ -533,7 +556,7 @@ void update_range(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m,
     }
     if constexpr (AHEAD)
       ahead->add(*win, keys, t1 - t0,
-                 tile_keys<true, SCORE, false>(w, g, v, mask, nullptr, t0, t1 - t0, next, win->lo, win->hi, keys,
+                 tile_keys<true, SCORE, false, T, true>(w, g, v, mask, nullptr, t0, t1 - t0, next, win->lo, win->hi, keys,
                                                ahead->below, ahead->above));
   }
 }

@@ -14,9 +14,13 @@ import torch
 from . import cache_dir, load_extension
 from .fused import FusedDriver, Kernels
 
+# -mprefer-vector-width=512: where -march=native has AVX-512, GCC otherwise picks 256-bit
+# vectors; the score and histogram loops are compute-bound (an Intel Xeon: the Fisher pruning
+# step's update 183 -> 161 ms at 134.5M; same IEEE operations per lane, so the same bits).
 # -fno-trapping-math lets GCC vectorize the score loops (it may then evaluate FP ops speculatively;
 # results and rounding are unchanged, and no code here reads FP exception flags)
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-std=c++17"]
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
+         "-fno-trapping-math", "-std=c++17"]
 
 
 def build(verbose: bool = False):
