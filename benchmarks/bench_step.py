@@ -6,8 +6,9 @@ step prunes new entries: theta > 0, the exact threshold every step), and a Fishe
 pruning step (no previous theta: the full histogram), interleaved with the baseline in one
 run; reports medians, effective GB/s by the byte model of docs/design.md (32 B per
 parameter plus, per prunable parameter, 2 B non-pruning, 7 B Taylor pruning, 16 B Fisher
-pruning when theta lands in the band of keys pass A kept, 29 B on a first pruning step,
-which runs pass B; fp32) and the ratio to ``torch.optim.AdamW(fused=True)`` +
+pruning when theta lands in the band of keys pass A kept, 2 B for the Fisher score of
+v_(t-1) whose histogram the previous update made ("scores ahead"), 29 B on a first pruning
+step, which runs pass B; fp32) and the ratio to ``torch.optim.AdamW(fused=True)`` +
 ``clip_grad_norm_``. Buffers are shaped like
 SmolLM2-135M (per layer q, o 576x576; k, v 576x192; gate, up 576x1536; down 1536x576;
 a tied 49152x576 embedding; norms), with the layer count and embedding scaled to size.
@@ -15,6 +16,7 @@ a tied 49152x576 embedding; norms), with the layer count and embedding scaled to
     python benchmarks/bench_step.py                       # CPU: 1M and 10M parameters
     python benchmarks/bench_step.py --sizes 10 50 135     # sizes in millions (GPU default)
     python benchmarks/bench_step.py --backends reference --reps 5 --out results.json
+    python benchmarks/bench_step.py --sizes 134.5 --backends cpp --kinds step prune-fisher-prev  # less memory
 """
 from __future__ import annotations
 
