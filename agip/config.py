@@ -138,6 +138,12 @@ class Config:
         """The kernels' score code: -1 is Taylor, q >= 0 Fisher |w| v_t^(q/4) (algorithm.md §2.1b)."""
         return FISHER_POWERS[self.fisher_power] if self.saliency == "fisher" else -1
 
+    @property
+    def scores_ahead(self) -> bool:
+        """The score is the Fisher score of v_(t-1) without an EMA: the values the previous
+        update wrote determine it, so that update can histogram it (docs/design.md "Scores ahead")."""
+        return self.fisher_q >= 0 and self.fisher_moment == "previous" and self.saliency_ema == 0
+
     def needs_loss(self) -> bool:
         """Whether a step needs E_t: the TA term, or the stability factor of a pruning run."""
         return self.ta_gamma > 0 or (self.stability and self.target_sparsity > 0)

@@ -258,9 +258,8 @@ class AGIP(TAAdamW):
         # the Fisher score of v_(t-1) is known once the previous update has written w and v, so
         # that update histograms it (docs/design.md "Scores ahead"); not under FSDP2, whose
         # weights are copied into the buckets each step (the version counters cannot tell)
-        self._score_ahead = (cfg.fisher_q >= 0 and cfg.fisher_moment == "previous" and cfg.saliency_ema == 0
-                             and self._selection.in_update and not any(s.mirrored for b in self._flat.buckets
-                                                                       for s in b.slots))
+        self._score_ahead = cfg.scores_ahead and self._selection.in_update and \
+            not any(s.mirrored for b in self._flat.buckets for s in b.slots)
 
     @torch.no_grad()
     def apply_masks(self, masks: dict) -> None:

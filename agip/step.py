@@ -42,7 +42,7 @@ def plan(step: int, param_groups: list, config, prune: bool, k: int, fisher_beta
     constants rounded to fp32 once (every backend multiplies by the very same numbers), and
     whether the update histograms the next step's score (``score_ahead``) and this step may
     use the histogram the last one made (``ahead_valid``; docs/design.md "Scores ahead")."""
-    if score_ahead and not (config.fisher_q >= 0 and config.fisher_moment == "previous" and config.saliency_ema == 0):
+    if score_ahead and not config.scores_ahead:
         raise ValueError("score_ahead needs the Fisher score of v_(t-1) (fisher_moment='previous') without a saliency "
                          "EMA: any other score reads this step's gradient or EMA")
     keep, new = StepPlan.ema_constants(config.saliency_ema)

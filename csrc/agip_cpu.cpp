@@ -83,19 +83,6 @@ void with_score(int64_t fisher_q, bool has_ema, F&& f) {
   }
 }
 
-// The key (fp32 bits) of one score for a first-digit histogram over the window [lo, hi]:
-// SKIP_KEY unless counted and inside it; counted scores outside it are only counted (below,
-// above). Bitwise, not short-circuit, logic: branches would stop the callers' loops vectorizing.
-inline uint32_t window_key(float s, bool counted, uint32_t lo, uint32_t hi, int64_t& below, int64_t& above,
-                           int64_t& kept) {
-  const uint32_t k = float_bits(s), b = k >> 16;
-  const bool in = counted & (b >= lo) & (b <= hi);
-  below += counted & (b < lo);
-  above += counted & (b > hi);
-  kept += in;
-  return in ? k : SKIP_KEY;
-}
-
 // The score keys (fp32 bits) of one tile of the prunable segment: saliency of active
 // entries (SALIENCY) or |g| of pruned ones. Keys whose first digit (top 16 bits) lies
 // outside [lo, hi] are only counted (below / above, no scatter) and get SKIP_KEY, as do
@@ -110,7 +97,14 @@ int64_t tile_keys(const T* __restrict__ w, const T* __restrict__ g, const T* __r
     const int64_t i = t0 + j;
     const float s =
         SALIENCY ? saliency<SCORE, HAS_EMA, T, STORED>(w, g, v, mk, ema, i, a) : std::fabs(static_cast<float>(g[i]));
-    keys[j] = window_key(s, SALIENCY ? mk[i] != 0 : mk[i] == 0, lo, hi, nb, na, kept);
+    // bitwise, not short-circuit, logic: branches here would stop the loop vectorizing
+    const bool counted = SALIENCY ? mk[i] != 0 : mk[i] == 0;
+    const uint32_t k = float_bits(s), b = k >> 16;
+    const bool in = counted & (b >= lo) & (b <= hi);
+    nb += counted & (b < lo);
+    na += counted & (b > hi);
+    kept += in;
+    keys[j] = in ? k : SKIP_KEY;
   }
   below += nb;
   above += na;
@@ -295,7 +289,7 @@ struct WindowLocal {
   int64_t below = 0, above = 0;  // counted scores below / above the window
   uint32_t kept[TILE], band[TILE];
   WindowLocal() { h.init(); }
-  // one tile's keys (window_key's, SKIP_KEY included), nk of them kept
+  // one tile's keys (tile_keys', SKIP_KEY included), nk of them kept
   void add(Window& win, const uint32_t* keys, int64_t len, int64_t nk) {
     if (nk == 0) return;
     const int64_t n = compact_keys(keys, len, kept);
@@ -512,8 +506,7 @@ void update_range(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m,
   const float one_minus_lw = 1.0f - lw;
   const bool small = lw < 0.5f;
   const float inf = std::numeric_limits<float>::infinity();
-  // the next step's score: v * 1 + 0 * ghat^2 = v as stored (algorithm.md §2.1b)
-  const ScoreArgs next{1.f, 1.f, 0.f, 0.f, 1.f};
+  const ScoreArgs none{};  // the next step's score reads w and v as stored (STORED): no constants
   uint32_t keys[AHEAD ? TILE : 1];
   // tiles only for AHEAD; else the whole range in one loop
   const int64_t tile = AHEAD ? TILE : std::max<int64_t>(hi - lo, 1);
@@ -556,7 +549,7 @@ void update_range(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m,
     }
     if constexpr (AHEAD)
       ahead->add(*win, keys, t1 - t0,
-                 tile_keys<true, SCORE, false, T, true>(w, g, v, mask, nullptr, t0, t1 - t0, next, win->lo, win->hi, keys,
+                 tile_keys<true, SCORE, false, T, true>(w, g, v, mask, nullptr, t0, t1 - t0, none, win->lo, win->hi, keys,
                                                ahead->below, ahead->above));
   }
 }

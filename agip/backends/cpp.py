@@ -37,13 +37,13 @@ def check_device(device: torch.device) -> None:
         raise ValueError(f"backend='cpp' runs on CPU tensors; these parameters are on {device}: use backend='auto'")
 
 
-def _update(w, g, m, v, mask, ema, start, end, args, ahead=None) -> None:
+def _update(w, g, m, v, mask, ema, start, end, args, ahead) -> None:
     _ext.update(w, g, m, v, mask, ema, start, end, args.numbers(), args.prunable, args.prune_step, args.fisher_q,
                 *(ahead or (None, 0, 0, None, None, 0, -1)))
 
 
 _driver = FusedDriver("cpp", Kernels(stats=_ext.stats, refine=_ext.refine, update=_update,
-                                     refine_keys=_ext.refine_keys, candidates=True, ahead=True))
+                                     refine_keys=_ext.refine_keys, candidates=True))
 grad_sumsq, select, update = _driver.grad_sumsq, _driver.select, _driver.update
 
 if __name__ == "__main__":

@@ -14,10 +14,9 @@ A fused backend supplies a :class:`Kernels` bundle with one signature per pass:
   n, prefix, hist)`` then gives a second digit in that band without a pass over the buckets;
 - ``refine(g, w, v, mask, ema, n_prunable, prefix, saliency, *ScoreArgs, hist)``: adds the
   second-digit histogram of the values in bin ``prefix``;
-- ``update(w, g, m, v, mask, ema, start, end, args[, ahead])``: pass C over one group's
-  range, with ``args`` an :class:`~agip.backends.UpdateArgs`. A backend whose ``ahead`` flag
-  is set takes ``ahead = (hist, lo, hi, cand, cand_n, cand_lo, cand_hi)`` (or None) for a
-  prunable range: it then also adds the first-digit histogram of the *next* step's score
+- ``update(w, g, m, v, mask, ema, start, end, args, ahead)``: pass C over one group's
+  range, with ``args`` an :class:`~agip.backends.UpdateArgs`. With ``ahead = (hist, lo, hi,
+  cand, cand_n, cand_lo, cand_hi)`` (else None) for a prunable range it also adds the first-digit histogram of the *next* step's score
   (the Fisher score of v_(t-1), which the values it writes determine) of the entries that
   stay active over the window ``[lo, hi]``, and with ``cand`` appends the keys in
   ``[cand_lo, cand_hi]`` (``cand_n``: the count so far; -1 once they did not fit).
@@ -80,7 +79,6 @@ class Kernels:
     update: Callable
     refine_keys: Optional[Callable] = None
     candidates: bool = False  # stats collects candidate keys, and refine_keys reads them
-    ahead: bool = False  # update histograms the next step's score (the Fisher score of v_(t-1))
 
     def __post_init__(self):
         if self.candidates != (self.refine_keys is not None):
@@ -277,7 +275,7 @@ class FusedDriver:
         with ``plan.score_ahead``, also the first digits of the next step's scores, over the
         window and band the next pass A would use (this step's theta is known by now)."""
         st = self.state(flat)
-        ahead = self.k.ahead and plan.score_ahead
+        ahead = plan.score_ahead
         st.ahead_step = None
         window = self._window(st)
         cands = self._open_window(flat, window, saliency=True) if ahead else [(None, None)] * len(flat.buckets)
@@ -285,11 +283,8 @@ class FusedDriver:
             for gi, start, end in b.ranges:
                 prunable = end <= b.n_prunable
                 args = UpdateArgs.of(plan, plan.groups[gi], prunable=prunable)
-                if self.k.ahead:
-                    spec = (st.sal, *window, buf, n, *(st.band or (0, -1))) if ahead and prunable else None
-                    self.k.update(b.w, b.g, b.m, b.v, b.mask, b.ema, start, end, args, spec)
-                else:
-                    self.k.update(b.w, b.g, b.m, b.v, b.mask, b.ema, start, end, args)
+                spec = (st.sal, *window, buf, n, *(st.band or (0, -1))) if ahead and prunable else None
+                self.k.update(b.w, b.g, b.m, b.v, b.mask, b.ema, start, end, args, spec)
         if ahead:
             self._close_window(flat, cands)
             st.ahead_step = plan.step + 1

@@ -58,6 +58,5 @@ _driver = FusedDriver("triton", Kernels(
     stats=lambda *a: _stats(*a, block=block),
     refine=lambda *a: _refine(*a, block=block),
     update=lambda *a: _update(*a, block=block),
-    ahead=True,
 ))
 grad_sumsq, select, update = _driver.grad_sumsq, _driver.select, _driver.update
