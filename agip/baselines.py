@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from . import nm
 from .threshold import radix_select, torch_histogram
 
 
@@ -25,14 +26,40 @@ def _prunable(opt):
 
 
 @torch.no_grad()
-def magnitude_masks(opt, ratio: float) -> dict:
+def magnitude_masks(opt, ratio: float, pattern: str = "unstructured") -> dict:
     """Global magnitude pruning: prune the floor(ratio * N) smallest |W| over all
     prunable weights (ties at the threshold pruned, as in docs/algorithm.md §2.3). Already-pruned
-    weights are zero, so they stay pruned."""
+    weights are zero, so they stay pruned. With an N:M ``pattern`` (``ratio`` must be N/M):
+    the N smallest |W| of every M along the layer's input."""
     named = list(_prunable(opt))
     if not named:
         raise ValueError("no prunable parameters (param groups with prune=True)")
+    if nm_of(pattern, ratio) is not None:
+        dims = {s.name: s.input_dim for _, s in opt._flat.prunable_slots()}
+        return {name: nm_keep(p.detach().float().abs(), dims[name], *nm_of(pattern, ratio)) for name, p in named}
     return _global_masks([(name, p.detach().float().abs()) for name, p in named], ratio)
+
+
+def nm_of(pattern: str, ratio: float):
+    """(N, M) of an N:M ``pattern`` whose ratio the target matches, None for 'unstructured'."""
+    n_m = nm.parse(pattern)
+    if n_m is not None and abs(ratio - n_m[0] / n_m[1]) > 1e-9:
+        raise ValueError(f"a one-shot {pattern} mask prunes {n_m[0]}/{n_m[1]} of the weights: pass "
+                         f"--target-sparsity {n_m[0] / n_m[1]:g} (got {ratio:g})")
+    return n_m
+
+
+def nm_keep(score: torch.Tensor, input_dim: int, n: int, m: int) -> torch.Tensor:
+    """The N:M mask of one weight (True = keep): in every M consecutive entries along
+    ``input_dim``, the N of smallest ``score`` are pruned (ties: the lower index first)."""
+    if score.shape[input_dim] % m:
+        raise ValueError(f"an N:{m} mask needs an input size divisible by {m}, got shape {tuple(score.shape)}")
+    groups = score.movedim(input_dim, -1).reshape(-1, m)
+    order = torch.sort(groups, dim=1, stable=True).indices
+    keep = torch.ones_like(groups, dtype=torch.bool).scatter_(1, order[:, :n], False)
+    moved = list(score.shape)
+    moved.append(moved.pop(input_dim))
+    return keep.reshape(moved).movedim(-1, input_dim).contiguous()
 
 
 def _global_masks(named_scores, ratio: float) -> dict:
@@ -94,10 +121,13 @@ def gmp_ratio(step: int, total_steps: int, target: float, start: float = 0.05, e
 
 
 @torch.no_grad()
-def wanda_masks(model, opt, ratio: float, calibration) -> dict:
+def wanda_masks(model, opt, ratio: float, calibration, pattern: str = "unstructured") -> dict:
     """Wanda: per output row, prune the floor(ratio * fan_in) weights with the smallest
     |W_ij| * ||X_j||_2, X being the layer's inputs over the ``calibration`` batches (a
-    list of token tensors). Works for nn.Linear (out, in) and GPT-2's Conv1D (in, out)."""
+    list of token tensors). Works for nn.Linear (out, in) and GPT-2's Conv1D (in, out).
+    With an N:M ``pattern`` (Wanda's own N:M variant; ``ratio`` must be N/M): the N of
+    smallest score in every M consecutive inputs of a row."""
+    n_m = nm_of(pattern, ratio)
     names = {p: n for n, p in _prunable(opt)}
     sq, hooks, transposed = {}, [], {}
     for module in model.modules():
@@ -127,6 +157,10 @@ def wanda_masks(model, opt, ratio: float, calibration) -> dict:
         norm = sq[p].sqrt()
         w = p.detach().float().abs()
         score = (w * norm[:, None]).t() if transposed[p] else w * norm[None, :]  # rows = outputs
+        if n_m is not None:
+            keep = nm_keep(score, 1, *n_m)
+            masks[name] = keep.t().contiguous() if transposed[p] else keep
+            continue
         k = int(math.floor(ratio * score.shape[1]))
         keep = torch.ones_like(score, dtype=torch.bool)
         if k > 0:
@@ -136,13 +170,15 @@ def wanda_masks(model, opt, ratio: float, calibration) -> dict:
     return masks
 
 
-def sparsegpt_masks(model, opt, ratio: float, calibration) -> dict:
+def sparsegpt_masks(model, opt, ratio: float, calibration, pattern: str = "unstructured") -> dict:
     """SparseGPT through the library users reach for: llmcompressor's ``SparseGPTModifier``
     with ``oneshot`` (the ``baselines`` extra). Each prunable layer is pruned to ``ratio``
     (unstructured) by SparseGPT's approximate OBS solver, which also updates the weights it
     keeps, from the inputs of the ``calibration`` blocks (a list of token tensors); everything else (embeddings, the
     tied ``lm_head``) is left out by naming only the prunable layers as targets. Returns
-    the masks (True = non-zero) of the weights as SparseGPT left them."""
+    the masks (True = non-zero) of the weights as SparseGPT left them. With an N:M ``pattern``
+    (``ratio`` must be N/M) it is llmcompressor's ``mask_structure="N:M"``."""
+    structure = "0:0" if nm_of(pattern, ratio) is None else pattern
     try:
         from datasets import Dataset
         from llmcompressor import oneshot
@@ -155,7 +191,7 @@ def sparsegpt_masks(model, opt, ratio: float, calibration) -> dict:
     # ready token blocks (llmcompressor still loads the model folder's tokenizer, unused)
     data = Dataset.from_dict({"input_ids": blocks.tolist(), "attention_mask": torch.ones_like(blocks).tolist()})
     targets = [n[: -len(".weight")] for n, _ in prunable]
-    oneshot(model=model, dataset=data, recipe=SparseGPTModifier(sparsity=ratio, mask_structure="0:0", targets=targets),
+    oneshot(model=model, dataset=data, recipe=SparseGPTModifier(sparsity=ratio, mask_structure=structure, targets=targets),
             num_calibration_samples=len(blocks), max_seq_length=blocks.shape[1], shuffle_calibration_samples=False,
             pipeline="sequential")
     masks = {n: p.detach() != 0 for n, p in prunable}

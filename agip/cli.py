@@ -11,7 +11,7 @@ import sys
 
 from .methods import METHODS
 from .backends import BACKENDS
-from .config import FISHER_MOMENTS, FISHER_POWERS, PRESETS, SALIENCIES
+from .config import FISHER_MOMENTS, FISHER_POWERS, NM_MODES, PRESETS, SALIENCIES
 from .train import FinetuneConfig
 
 
@@ -39,7 +39,13 @@ def _add_finetune(sub):
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 disables clipping")
     p.add_argument("--target-sparsity", type=float, default=d.target_sparsity, help="share of the prunable weights")
     p.add_argument("--sparsity-pattern", default=d.sparsity_pattern,
-                   help="'unstructured' or 'N:M' (e.g. 2:4: N of every M weights along the input; target <= N/M)")
+                   help="'unstructured' or 'N:M' (e.g. 2:4: N of every M weights along the input; target <= N/M; "
+                        "agip, magnitude, wanda, sparsegpt)")
+    p.add_argument("--nm-mode", default=d.nm_mode, choices=NM_MODES,
+                   help="N:M with agip: fixed (a pruned group stays pruned) or decay (the masks may change while "
+                        "the weights outside them decay, cut at the end of the ramp)")
+    p.add_argument("--nm-decay", type=float, default=d.nm_decay,
+                   help="decay mode: the share a pruning step takes off the weights outside the masks, at R_target")
     p.add_argument("--schedule", default=d.schedule, choices=("exp", "cubic", "oneshot"),
                    help="default: the preset's")
     p.add_argument("--prune-interval", type=int, default=d.prune_interval, help="default: the preset's")

@@ -19,6 +19,7 @@ from .schedule import SHAPES
 SALIENCIES = ("taylor", "fisher")
 FISHER_MOMENTS = ("current", "previous")  # v_t (with this step's gradient) or v_(t-1), algorithm.md §2.1b
 FISHER_POWERS = {0.0: 0, 0.25: 1, 0.5: 2, 1.0: 4}  # p -> q = 4p: v_t^p with square roots only
+NM_MODES = ("fixed", "decay")  # N:M: pruned groups stay pruned, or masks change while pruned weights decay (§2.5b)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ class Config:
     fisher_moment: str = "current"
     preset: str = "default"
     sparsity_pattern: str = "unstructured"
+    nm_mode: str = "fixed"
+    nm_decay: float = 0.1
 
     @classmethod
     def resolve(cls, preset: str = "default", **options) -> "Config":
@@ -122,9 +125,14 @@ class Config:
                  f"weights (all groups); got target_sparsity={self.target_sparsity!r}")
             need(self.regrow_fraction == 0,
                  "regrowth (regrow_fraction > 0) is for sparsity_pattern='unstructured' only")
+        need(self.nm_mode in NM_MODES, f"nm_mode must be one of {NM_MODES}, got {self.nm_mode!r}")
+        need(self.nm_mode == "fixed" or pattern is not None,
+             f"nm_mode={self.nm_mode!r} is for an N:M sparsity_pattern (e.g. '2:4'); unstructured masks change "
+             "through regrow_fraction")
+        need(number(self.nm_decay) and 0 < self.nm_decay <= 1, f"nm_decay must be in (0, 1], got {self.nm_decay!r}")
         # stored as the state dict records them (a resumed run compares them)
         for name in ("ta_gamma", "ta_beta", "ta_k", "ta_clip", "ta_eps", "ta_loss_floor", "target_sparsity",
-                     "regrow_fraction", "saliency_ema", "fisher_power"):
+                     "regrow_fraction", "saliency_ema", "fisher_power", "nm_decay"):
             object.__setattr__(self, name, float(getattr(self, name)))
         object.__setattr__(self, "stability", bool(self.stability))
 

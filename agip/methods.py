@@ -22,6 +22,7 @@ class Method:
 
     name = "agip"
     help = "AGIP: prune inside the optimizer while fine-tuning (the preset decides the score and schedule)"
+    takes_nm = True  # whether --sparsity-pattern N:M applies
 
     def optimizer(self, cfg, model):
         import agip
@@ -42,6 +43,7 @@ class Method:
 class Dense(Method):
     name = "adamw"
     help = "dense fine-tuning: AdamW + clipping, no pruning"
+    takes_nm = False
 
     def optimizer(self, cfg, model):  # TAAdamW with ta_gamma=0 is exactly AdamW + clip_grad_norm_
         import agip
@@ -53,6 +55,8 @@ class Dense(Method):
 
 class Masked(Method):
     """A baseline: masked AdamW whose masks come from outside the optimizer."""
+
+    takes_nm = False  # GMP and PLATON prune unstructured only
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -71,29 +75,34 @@ class Masked(Method):
 
 class Magnitude(Masked):
     name = "magnitude"
+    takes_nm = True
     help = "one-shot global magnitude pruning, then fine-tuning with the mask fixed"
 
     def before_training(self, model, opt, calibration) -> bool:
-        opt.apply_masks(baselines.magnitude_masks(opt, self.cfg.target_sparsity))
+        opt.apply_masks(baselines.magnitude_masks(opt, self.cfg.target_sparsity, self.cfg.sparsity_pattern))
         return True
 
 
 class Wanda(Masked):
     name = "wanda"
+    takes_nm = True
     help = "one-shot Wanda (|W|·||X|| per output row), then fine-tuning with the mask fixed"
 
     def before_training(self, model, opt, calibration) -> bool:
-        opt.apply_masks(baselines.wanda_masks(model, opt, self.cfg.target_sparsity, calibration()))
+        opt.apply_masks(baselines.wanda_masks(model, opt, self.cfg.target_sparsity, calibration(),
+                                              self.cfg.sparsity_pattern))
         return True
 
 
 class SparseGPT(Masked):
     name = "sparsegpt"
+    takes_nm = True
     help = ("one-shot SparseGPT (llmcompressor's SparseGPTModifier, per layer, with its weight updates), then "
             "fine-tuning with the mask fixed; needs the 'baselines' extra")
 
     def before_training(self, model, opt, calibration) -> bool:
-        opt.apply_masks(baselines.sparsegpt_masks(model, opt, self.cfg.target_sparsity, calibration()))
+        opt.apply_masks(baselines.sparsegpt_masks(model, opt, self.cfg.target_sparsity, calibration(),
+                                                  self.cfg.sparsity_pattern))
         return True
 
 

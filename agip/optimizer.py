@@ -229,8 +229,10 @@ class AGIP(TAAdamW):
     ``fisher_moment``, ``schedule``, ``prune_interval``, ``ta_gamma`` and ``stability`` where
     they are None.
     ``sparsity_pattern="2:4"`` (any ``"N:M"``) prunes N of every M weights along the input
-    (§2.5). Under DDP or FSDP2 every rank makes the decision one process would make for the
-    whole model (§6).
+    (§2.5); ``nm_mode="decay"`` lets the N:M masks change while the weights outside them decay
+    by ``nm_decay`` · R_t/R_target a pruning step, until the ramp ends and they are cut (§2.5b).
+    Under DDP or FSDP2 every rank makes the decision one process would make for the whole
+    model (§6).
     """
 
     def __init__(self, params, lr: float = 5e-5, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
@@ -241,14 +243,15 @@ class AGIP(TAAdamW):
                  regrow_fraction: float = 0.0, saliency_ema: float = 0.0, stability: Optional[bool] = None,
                  stability_window: int = 50, backend: str = "auto", saliency: Optional[str] = None,
                  fisher_power: Optional[float] = None, preset: str = "default", process_group=None,
-                 sparsity_pattern: str = "unstructured", fisher_moment: Optional[str] = None):
+                 sparsity_pattern: str = "unstructured", fisher_moment: Optional[str] = None, nm_mode: str = "fixed",
+                 nm_decay: float = 0.1):
         cfg = Config.resolve(
             preset, max_grad_norm=max_grad_norm, ta_gamma=ta_gamma, ta_beta=ta_beta, ta_k=ta_k, ta_clip=ta_clip,
             ta_eps=ta_eps, ta_loss_floor=ta_loss_floor, target_sparsity=target_sparsity, schedule=schedule,
             total_steps=total_steps, warmup_steps=warmup_steps, tau=tau, prune_interval=prune_interval,
             regrow_fraction=regrow_fraction, saliency_ema=saliency_ema, stability=stability,
             stability_window=stability_window, saliency=saliency, fisher_power=fisher_power,
-            fisher_moment=fisher_moment, sparsity_pattern=sparsity_pattern)
+            fisher_moment=fisher_moment, sparsity_pattern=sparsity_pattern, nm_mode=nm_mode, nm_decay=nm_decay)
         super().__init__(params, lr, betas, eps, weight_decay, backend=backend, process_group=process_group, config=cfg)
         if cfg.target_sparsity > 0 and self._flat.n_prunable_global == 0:
             raise ValueError(f"target_sparsity={cfg.target_sparsity} but no param group has prune=True: build the "

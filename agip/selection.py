@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from . import nm
 
 
@@ -19,12 +21,19 @@ class Decision:
     theta: float  # M' = (S > theta); -1 keeps every entry
     n_regrown: int = 0
     masks: Optional[dict] = None  # masks decided outside the update (N:M): bucket id -> bool tensor
+    decay: Optional[float] = None  # a number: the masks are candidates, w *= 1 - decay outside them (§2.5b)
 
     def finish(self, flat) -> None:
-        """After the update: apply masks decided outside it (w, m, v * M'; algorithm.md §1.6)."""
-        if self.masks is not None:
-            for b in flat.buckets:
-                if id(b) in self.masks:
+        """After the update: apply masks decided outside it (w, m, v * M'; algorithm.md §1.6),
+        or, for candidate masks, decay the weights outside them (§2.5b)."""
+        if self.masks is None:
+            return
+        for b in flat.buckets:
+            if id(b) in self.masks:
+                if self.decay is not None:
+                    w = b.w[: b.n_prunable]
+                    w.copy_(torch.where(self.masks[id(b)], w, w * (1.0 - self.decay)))
+                else:
                     flat.apply_mask(b, self.masks[id(b)])
 
 
@@ -58,7 +67,29 @@ class NM:
         return Decision(theta=theta, masks=masks)
 
 
+class NMDecay(NM):
+    """N:M masks that may change (algorithm.md §2.5b): until R_t reaches the target, every
+    pruning step re-chooses the N of M entries of smallest score in each of the groups the
+    target asks for, and decays those weights (``w *= 1 - nm_decay · R_t / R_target``)
+    instead of zeroing them, so gradients, m and v keep flowing to them and a weight whose
+    score rises wins its place back; the step that reaches the target cuts them, and from
+    then on the masks stay fixed (as in :class:`NM`)."""
+
+    def __init__(self, flat, n: int, m: int, target: float, decay: float):
+        super().__init__(flat, n, m)
+        self.target, self.decay, self.k_final = target, decay, nm.groups_to_prune(target, n, m, self.groups)
+
+    def select(self, backend, flat, plan, ratio: float) -> Decision:
+        masks, theta = nm.select(flat, plan, self.n, self.m, self.k_final)
+        hard = ratio >= self.target  # the end of the ramp (the final pruning step snaps R_t to it)
+        return Decision(theta=theta, masks=masks, decay=None if hard else self.decay * ratio / self.target)
+
+
 def make(flat, config):
-    """The selection of ``config.sparsity_pattern``."""
+    """The selection of ``config.sparsity_pattern`` (and ``nm_mode``)."""
     pattern = config.nm
-    return NM(flat, *pattern) if pattern else Unstructured()
+    if pattern is None:
+        return Unstructured()
+    if config.nm_mode == "decay":
+        return NMDecay(flat, *pattern, config.target_sparsity, config.nm_decay)
+    return NM(flat, *pattern)

@@ -40,7 +40,9 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     max_grad_norm: Optional[float] = 1.0
     target_sparsity: float = 0.3
-    sparsity_pattern: str = "unstructured"  # or "N:M", e.g. "2:4" (algorithm.md §2.5; method agip)
+    sparsity_pattern: str = "unstructured"  # or "N:M", e.g. "2:4" (algorithm.md §2.5; agip, magnitude, wanda, sparsegpt)
+    nm_mode: str = "fixed"  # N:M: "fixed" (a pruned group stays pruned) or "decay" (masks change; §2.5b)
+    nm_decay: float = 0.1
     schedule: Optional[str] = None  # None here and below: the preset's value
     prune_interval: Optional[int] = None
     regrow_fraction: float = 0.0
@@ -89,8 +91,13 @@ class FinetuneConfig:
         need(self.eval_split in ("validation", "test"), f"--eval-split must be validation or test, got {self.eval_split!r}")
         need(self.eval_max_tokens is None or self.eval_max_tokens >= 2, "--eval-max-tokens must be >= 2 (or 0 for all)")
         need(self.checkpoint_every >= 0, "--checkpoint-every must be >= 0")
-        need(self.sparsity_pattern == "unstructured" or self.method == "agip",
-             f"--sparsity-pattern {self.sparsity_pattern} is AGIP's (--method agip); the baselines prune unstructured")
+        need(self.sparsity_pattern == "unstructured" or methods.METHODS[self.method].takes_nm,
+             f"--sparsity-pattern {self.sparsity_pattern}: --method {self.method} prunes unstructured only (N:M: "
+             f"{', '.join(n for n, c in methods.METHODS.items() if c.takes_nm)})")
+        if self.sparsity_pattern != "unstructured" and self.method != "agip":
+            from .baselines import nm_of
+
+            nm_of(self.sparsity_pattern, self.target_sparsity)  # a one-shot N:M mask prunes exactly N/M
         need(not self.fsdp or self.method in ("agip", "adamw"),
              f"--fsdp runs --method agip or adamw; the baselines' masks ({self.method}) need whole weights: run "
              "them with DDP (torchrun without --fsdp) or in one process")
@@ -113,7 +120,7 @@ class FinetuneConfig:
                     prune_interval=self.prune_interval, regrow_fraction=self.regrow_fraction,
                     saliency_ema=self.saliency_ema, stability=self.stability, saliency=self.saliency,
                     fisher_power=self.fisher_power, fisher_moment=self.fisher_moment,
-                    sparsity_pattern=self.sparsity_pattern)
+                    sparsity_pattern=self.sparsity_pattern, nm_mode=self.nm_mode, nm_decay=self.nm_decay)
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

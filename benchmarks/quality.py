@@ -6,7 +6,9 @@ budget (the same steps, tokens, LR schedule and seed for every method), in phase
 2. ``select``: AGIP candidates for the product default at the largest target, chosen by
    validation perplexity (the geometric mean of wiki-mini's and pydoc's validation
    splits: in domain and out of domain);
-3. ``grid``: dense; GMP; one-shot magnitude + FT; Wanda + FT; AGIP with the thesis preset;
+3. ``nm``: AGIP's 2:4 candidates at 50% (fixed groups or changing masks, two score powers),
+   chosen the same way;
+4. ``grid``: dense; GMP; one-shot magnitude + FT; Wanda + FT; AGIP with the thesis preset;
    AGIP with the chosen default; at each target, three seeds for dense, Wanda + FT and
    the default at the largest target; the default in the 2:4 pattern at 50%.
 
@@ -47,7 +49,16 @@ CANDIDATES = [
     ("Fisher p=1/2, cubic, every 10 steps", dict(saliency="fisher", fisher_power=0.5, schedule="cubic",
                                                   prune_interval=10, ta_gamma=0.0, stability=False)),
 ]
-PHASES = ("lr", "select", "grid")
+# candidates for the 2:4 mode at 50%, each on top of the chosen default's overrides
+NM_CANDIDATES = [
+    ("2:4, fixed groups, Fisher p=1/4", dict(sparsity_pattern="2:4", fisher_power=0.25)),
+    ("2:4, fixed groups, Fisher p=1/2", dict(sparsity_pattern="2:4", fisher_power=0.5)),
+    ("2:4, changing masks (decay 0.1), Fisher p=1/4", dict(sparsity_pattern="2:4", nm_mode="decay", nm_decay=0.1,
+                                                           fisher_power=0.25)),
+    ("2:4, changing masks (decay 0.1), Fisher p=1/2", dict(sparsity_pattern="2:4", nm_mode="decay", nm_decay=0.1,
+                                                           fisher_power=0.5)),
+]
+PHASES = ("lr", "select", "nm", "grid")
 
 
 def run_key(method, overrides, target, seed, lr, steps):
@@ -134,6 +145,14 @@ class Study:
         self.save()
         return label, ov
 
+    def choose_nm(self, lr, default_overrides):
+        rows = [(label, {**default_overrides, **ov},
+                 self.run(f"AGIP candidate: {label}", "agip", {**default_overrides, **ov}, 0.5, 0, lr, "nm"))
+                for label, ov in NM_CANDIDATES]
+        label, ov, _ = min(rows, key=lambda r: self.val_score(r[2]))
+        self.data["choices"]["nm"] = {"label": label, "overrides": ov}
+        self.save()
+
     def grid(self, lr, default_label, default_overrides):
         targets, top = self.args.targets, max(self.args.targets)
         default = (f"AGIP default ({default_label})", "agip", default_overrides)
@@ -173,6 +192,15 @@ class Study:
         # beside the default's three; it becomes the default only if it measures better on validation
         runs += [(f"AGIP default, score of v_(t-1) ({default_label})", "agip",
                   {**default_overrides, "fisher_moment": "previous"}, top, s) for s in (0, 1, 2)]
+        # 2:4 at 50%: the one-shot baselines + FT (the masks the literature compares with), and
+        # the chosen AGIP 2:4 mode's seeds
+        runs += [(f"{name}, 2:4", method, {"sparsity_pattern": "2:4"}, 0.5, 0)
+                 for name, method in (("Wanda + FT", "wanda"), ("one-shot magnitude + FT", "magnitude"))]
+        if importlib.util.find_spec("llmcompressor") is not None:
+            runs.append(("SparseGPT + FT (llmcompressor), 2:4", "sparsegpt", {"sparsity_pattern": "2:4"}, 0.5, 0))
+        nm_choice = self.data["choices"].get("nm")
+        if nm_choice and 0.5 in targets:
+            runs += [(f"AGIP 2:4 ({nm_choice['label']})", "agip", nm_choice["overrides"], 0.5, s) for s in (1, 2)]
         for label, method, ov, target, seed in runs:
             if (self.args.only and not label.startswith(self.args.only)) or \
                     (self.args.seeds is not None and seed not in self.args.seeds):
@@ -221,9 +249,12 @@ def main(argv=None):
             label, ov = study.choose_default(lr)
         elif chosen is not None:
             label, ov = chosen["label"], chosen["overrides"]
-        if "grid" in args.phase:
+        if "nm" in args.phase or "grid" in args.phase:
             if chosen is None and "select" not in args.phase:
                 sys.exit("no default chosen yet: run the 'select' phase first")
+        if "nm" in args.phase and 0.5 in args.targets:
+            study.choose_nm(lr, ov)
+        if "grid" in args.phase:
             study.grid(lr, label, ov)
     write_outputs(study.data, args.out, args.steps)
 
@@ -321,11 +352,15 @@ def is_default(r, data) -> bool:
 
 def grid_label(r, data):
     """The grid label of a run at the chosen lr (the chosen default's select run counts as
-    the default's), or None for runs outside the grid."""
+    the default's, the chosen 2:4 mode's nm run as that mode's), or None for runs outside the grid."""
     if r["lr"] != data["choices"].get("lr"):
         return None
     if is_default(r, data):
         return f"AGIP default ({data['choices']['default']['label']})"
+    nm_choice = data["choices"].get("nm")
+    if nm_choice and r["method"] == "agip" and "preset" not in r and r.get("nm_mode", "fixed") == \
+            nm_choice["overrides"].get("nm_mode", "fixed") and all(r.get(k) == v for k, v in nm_choice["overrides"].items()):
+        return f"AGIP 2:4 ({nm_choice['label']})"
     if r["phase"] == "grid" or r["method"] == "adamw":
         return r["label"]
     return None

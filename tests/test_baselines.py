@@ -69,6 +69,70 @@ def test_wanda_handles_gpt2_conv1d(gpt2_dir):
     assert bool(((~m).sum(0) == math.floor(0.3 * w.shape[0])).all())
 
 
+def _expected_24(score, input_dim):
+    """The 2:4 keep mask of one score tensor, the long way: per group of 4 along the input,
+    the 2 largest stay (no ties in random weights)."""
+    t = score.movedim(input_dim, -1)
+    groups = t.reshape(-1, 4)
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, torch.topk(groups, 2, dim=1).indices, True)
+    return keep.reshape(t.shape).movedim(-1, input_dim)
+
+
+def test_magnitude_and_wanda_24_masks_keep_the_two_largest_scores_of_every_four_inputs():
+    model = TinyLM()
+    opt = agip.AGIP(agip.param_groups(model), total_steps=10)
+    masks = baselines.magnitude_masks(opt, 0.5, "2:4")
+    for g in opt.param_groups:
+        for name, p, dim in zip(g.get("param_names", []), g["params"], g.get("input_dims", [])):
+            assert torch.equal(masks[name], _expected_24(p.detach().abs(), dim)), name
+    calib = [batch(0), batch(1)]
+    masks = baselines.wanda_masks(model, opt, 0.5, calib, "2:4")
+    layer, xs = model.layers[0], []
+    handle = layer.up_proj.register_forward_hook(lambda m, a, o: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for x in calib:
+            model(x)
+    handle.remove()
+    score = layer.up_proj.weight.detach().abs() * torch.cat(xs).pow(2).sum(0).sqrt()[None, :]
+    assert torch.equal(masks["layers.0.up_proj.weight"], _expected_24(score, 1))
+    assert not torch.equal(masks["layers.0.up_proj.weight"], _expected_24(layer.up_proj.weight.detach().abs(), 1))
+    with pytest.raises(ValueError, match="--target-sparsity 0.5"):
+        baselines.magnitude_masks(opt, 0.3, "2:4")
+
+
+def test_wanda_24_groups_gpt2_conv1d_along_its_inputs(gpt2_dir):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.GPT2LMHeadModel.from_pretrained(gpt2_dir)
+    opt = agip.AGIP(agip.param_groups(model), total_steps=10)
+    masks = baselines.wanda_masks(model, opt, 0.5, [torch.randint(0, 1000, (2, 16))], "2:4")
+    m = masks["transformer.h.0.mlp.c_fc.weight"]  # Conv1D: (in, out), the inputs run along dim 0
+    assert bool((m.t().reshape(-1, 4).sum(1) == 2).all())
+
+
+@pytest.mark.parametrize("kw,match", [(dict(method="gmp"), "prunes unstructured only"),
+                                       (dict(method="wanda", target_sparsity=0.3), "--target-sparsity 0.5")])
+def test_harness_refuses_24_where_a_method_cannot_do_it(kw, match):
+    from agip.train import FinetuneConfig
+
+    with pytest.raises(ValueError, match=match):
+        FinetuneConfig(sparsity_pattern="2:4", **{"target_sparsity": 0.5, **kw}).check()
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_harness_24_baselines_train_a_24_model(method, gpt2_dir, corpus_dir, tmp_path):
+    from agip import nm
+    from agip.checkpoint import load_model
+    from agip.train import FinetuneConfig, finetune
+
+    rep = finetune(FinetuneConfig(model=gpt2_dir, dataset=corpus_dir, out=str(tmp_path), method=method, steps=3,
+                                  batch_size=2, block_size=32, lr=1e-3, target_sparsity=0.5, sparsity_pattern="2:4",
+                                  eval_seq_len=64, eval_max_tokens=256, progress=False, bf16=False))
+    assert rep["sparsity_prunable"] == 0.5
+    model = load_model(rep["checkpoint"])[0]
+    w = model.transformer.h[0].attn.c_attn.weight.detach()
+    assert nm.is_24(w.t())  # Conv1D (in, out): is_24 reads nn.Linear's (out, in)
+
+
 @pytest.mark.parametrize("method", ["gmp", "magnitude", "wanda", "adamw", "platon"])
 def test_harness_methods(method, gpt2_dir, corpus_dir, tmp_path):
     from agip.train import FinetuneConfig, finetune
@@ -124,16 +188,20 @@ def test_quality_quick_runs_every_phase_and_resumes(gpt2_dir, corpus_dir, tmp_pa
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     data = json.loads((tmp_path / "study-2.json").read_text())
     assert len(data["rows"]) == 3 + 4 and set(data["choices"]) == {"lr", "default"}
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)  # continues: grid only
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)  # continues: nm and grid
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert res.stdout.count("[lr]") == 0 and res.stdout.count("[select]") == 0  # recorded runs are not redone
-    rows = json.loads((tmp_path / "study-2.json").read_text())["rows"]
-    assert len(rows) == 3 + 4 + 23 and len({r["key"] for r in rows}) == len(rows)
-    assert sum(1 for r in rows if r.get("sparsity_pattern") == "2:4") == 1
+    data = json.loads((tmp_path / "study-2.json").read_text())
+    rows = data["rows"]
+    # 4 2:4 candidates (the grid's "default in 2:4" row is one of them, not run twice), then the grid
+    assert len(rows) == 3 + 4 + 4 + 26 and len({r["key"] for r in rows}) == len(rows)
+    assert set(data["choices"]) == {"lr", "default", "nm"}
+    assert sum(1 for r in rows if r.get("sparsity_pattern") == "2:4") == 4 + 2 + 2  # candidates, 2 baselines, 2 seeds
+    assert {r.get("nm_mode") for r in rows if r["phase"] == "nm"} == {None, "decay"}
     assert {r["method"] for r in rows} == {"adamw", "gmp", "magnitude", "wanda", "agip", "platon"}
     assert {r["target"] for r in rows} == {0.0, 0.3, 0.5}
     assert all(r["ood_test"] and r["ood_validation"] and r["ppl_validation"] for r in rows)
-    assert sum(1 for r in rows if r["seed"] == 2) == 5  # dense, Wanda, the default at 50% and 30%, v_(t-1)
+    assert sum(1 for r in rows if r["seed"] == 2) == 6  # dense, Wanda, the default at 50% and 30%, v_(t-1), 2:4
     assert (tmp_path / "study-2.md").read_text().count("\n|") >= 25
     assert (tmp_path / "study-2.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "study-2-density.png").read_bytes()[:4] == b"\x89PNG"  # default next to thesis

@@ -81,14 +81,14 @@ def test_conv1d_groups_run_along_its_first_dimension():
         assert torch.all(groups_of(opt.state[p]["mask"], 0, 4).sum(dim=1) == 2)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_backends_find_the_same_masks(backend, monkeypatch):
+@pytest.mark.parametrize("backend,mode", [("cpp", "fixed"), ("triton", "fixed"), ("cpp", "decay"), ("triton", "decay")])
+def test_backends_find_the_same_masks(backend, mode, monkeypatch):
     module = pytest.importorskip(f"agip.backends.{backend}", reason=f"the {backend} backend is not available")
     if backend == "triton":
         monkeypatch.setattr(module, "block", 64)
     # masks are this test's subject (the update's rounding with TA: tests/test_backends_optimizer.py)
-    ref_model, ref_opt = make(saliency_ema=0.5)
-    model, opt = make(backend, saliency_ema=0.5)
+    ref_model, ref_opt = make(saliency_ema=0.5, nm_mode=mode)
+    model, opt = make(backend, saliency_ema=0.5, nm_mode=mode)
     for t in range(STEPS):
         sync_optimizers(ref_model, ref_opt, model, opt)
         before = [p.detach().clone() for p in ref_model.parameters()]
@@ -120,6 +120,9 @@ def test_backends_find_the_same_masks(backend, monkeypatch):
     (dict(pattern="2:4", target_sparsity=0.6), "prunes at most 2/4"),
     (dict(pattern="2:4", regrow_fraction=0.1), "regrowth"),
     (dict(pattern="2:32", target_sparsity=0.05), "not divisible by 32"),  # TinyLM's inputs are 16 and 32 wide
+    (dict(pattern="2:4", nm_mode="sometimes"), "nm_mode must be one of"),
+    (dict(pattern="unstructured", nm_mode="decay"), "is for an N:M sparsity_pattern"),
+    (dict(pattern="2:4", nm_mode="decay", nm_decay=0.0), "nm_decay must be in"),
 ])
 def test_bad_settings_fail_before_any_step(kw, match):
     pattern = kw.pop("pattern")
@@ -143,3 +146,50 @@ def test_is_24_recognises_the_pattern():
     assert nm.is_24(w)
     assert not nm.is_24(torch.ones(1, 8))
     assert not nm.is_24(torch.ones(1, 6))
+
+
+def test_decay_mode_decays_the_chosen_weights_lets_them_come_back_and_cuts_them_at_the_end():
+    """nm_mode='decay' (algorithm.md §2.5b) against the same optimizer without pruning, both
+    stepped from the same state: before the end of the ramp nothing is zero and the two differ
+    exactly on N of every M entries, which are w * (1 - nm_decay * R_t / R_target); a chosen
+    weight that grows is not chosen again; the step that reaches the target cuts them."""
+    model, opt = make(nm_mode="decay", nm_decay=0.5)
+    plain_model, plain = make(target_sparsity=0.0, sparsity_pattern="unstructured")
+    dims = [d for g in opt.param_groups for d in g.get("input_dims", [])]
+    prunable = [p for g in opt.param_groups if g["prune"] for p in g["params"]]
+    plain_prunable = [p for g in plain.param_groups if g["prune"] for p in g["params"]]
+    revived = None
+    for t in range(STEPS):
+        sync_optimizers(model, opt, plain_model, plain)
+        for mdl, o in ((model, opt), (plain_model, plain)):
+            loss = mdl(batch(t))
+            loss.backward()
+            o.step(loss=loss)
+            o.zero_grad()
+        ratio = opt.sparsity_report()["scheduled_sparsity"]
+        if ratio >= 0.5:  # the end of the ramp: a 2:4 model, masks and weights
+            for p, dim in zip(prunable, dims):
+                assert torch.all(groups_of(opt.state[p]["mask"], dim, 4).sum(dim=1) == 2), t
+                assert torch.all(groups_of(p.detach(), dim, 4).ne(0).sum(dim=1) == 2), t
+            assert opt.sparsity_report()["sparsity_prunable"] == 0.5
+            break
+        assert opt.sparsity_report()["sparsity_prunable"] == 0.0, t  # nothing cut yet
+        decay = 0.5 * ratio / 0.5
+        for p, q, dim in zip(prunable, plain_prunable, dims):
+            chosen = p.detach() != q.detach()
+            if t >= 1:  # every group has exactly 2 decayed entries, decayed by exactly 1 - decay
+                assert torch.all(groups_of(chosen, dim, 4).sum(dim=1) == 2), t
+                assert torch.equal(p.detach()[chosen], q.detach()[chosen] * (1.0 - decay)), t
+        if revived is not None:  # the weight made large is not chosen (decayed) any more
+            p, idx = revived
+            q = plain_prunable[prunable.index(p)]
+            assert p.detach().reshape(-1)[idx] == q.detach().reshape(-1)[idx], t
+        if t == 2:  # make one chosen weight the largest of its group: the masks may change
+            p, q = prunable[0], plain_prunable[0]
+            idx = int(torch.nonzero((p.detach() != q.detach()).reshape(-1))[0])
+            with torch.no_grad():
+                p.view(-1)[idx] = 10.0
+            revived = (p, idx)
+    else:
+        raise AssertionError("the ramp never reached the target")
+    assert revived is not None
