@@ -83,6 +83,15 @@ def _add_finetune(sub):
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint, bit for bit")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the model with FSDP2 (fully_shard) instead of DDP")
+    p.add_argument("--teacher", default=d.teacher,
+                   help="distillation's frozen teacher: 'start' (the model before pruning; the default once "
+                        "--distill-kl or --distill-hidden is on) or a model folder (e.g. a dense run's checkpoint)")
+    p.add_argument("--distill-ce", type=float, default=d.distill_ce, help="weight of the cross-entropy term")
+    p.add_argument("--distill-kl", type=float, default=d.distill_kl,
+                   help="weight of T^2 KL(teacher || student) over the vocabulary (0: off)")
+    p.add_argument("--distill-temperature", type=float, default=d.distill_temperature, help="T of the KL term")
+    p.add_argument("--distill-hidden", type=float, default=d.distill_hidden,
+                   help="weight of SquareHead, the normalised MSE of every block's hidden states (0: off)")
     p.add_argument("--export", action="store_true", help="at the end, export the checkpoint to OUT/export (agip-sparse)")
     p.add_argument("--export-dtype", default=d.export_dtype, choices=("fp32", "bf16", "fp16"))
     p.add_argument("--no-progress", dest="progress", action="store_false")

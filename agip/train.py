@@ -70,6 +70,11 @@ class FinetuneConfig:
     resume: bool = False
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard) instead of DDP (docs/algorithm.md §6)
     progress: bool = True
+    teacher: Optional[str] = None  # distillation (algorithm.md §7): "start" or a model folder; None: "start" if on
+    distill_ce: float = 1.0  # the weights of the loss' terms; kl = hidden = 0: no teacher, plain CE
+    distill_kl: float = 0.0
+    distill_temperature: float = 1.0
+    distill_hidden: float = 0.0
     export: bool = False  # at the end, export the checkpoint to OUT/export (agip-sparse; agip/export.py)
     export_dtype: str = "fp32"
 
@@ -105,11 +110,24 @@ class FinetuneConfig:
              f"--backend must be 'auto' or one of {backends.BACKENDS}, got {self.backend!r}")
         need(self.export_dtype in ("fp32", "bf16", "fp16"), f"--export-dtype must be fp32, bf16 or fp16, got "
              f"{self.export_dtype!r}")
+        need(all(w >= 0 for w in (self.distill_ce, self.distill_kl, self.distill_hidden)) and
+             self.distill_ce + self.distill_kl + self.distill_hidden > 0,
+             "--distill-ce, --distill-kl and --distill-hidden must be >= 0 and not all 0")
+        need(self.distill_temperature > 0, f"--distill-temperature must be > 0, got {self.distill_temperature}")
+        need(self.teacher is None or self.distilling, f"--teacher {self.teacher} without --distill-kl or "
+             "--distill-hidden does nothing: give one of them a weight > 0")
+        need(self.distilling or self.distill_ce == 1.0, "--distill-ce without a teacher's term (--distill-kl, "
+             "--distill-hidden) only scales the loss: leave it at 1, or scale --lr")
         check_corpus_name(self.dataset)
         if self.eval_ood:
             check_corpus_name(self.eval_ood)
         if self.method == "agip":  # the optimizer's own checks (patterns, targets, TA...), before any loading
             Config.resolve(**self.agip_options())
+
+    @property
+    def distilling(self) -> bool:
+        """Whether the loss has a teacher's term (algorithm.md §7)."""
+        return self.distill_kl > 0 or self.distill_hidden > 0
 
     def agip_options(self) -> dict:
         """The AGIP optimizer's options of this run (agip.AGIP's keyword arguments beyond lr,
@@ -307,7 +325,18 @@ def build_report(cfg: FinetuneConfig, run: RunState, final: dict, after: dict, t
         "train_seconds": run.train_seconds,
         "tokens_per_s": tokens_per_step * len(run.history) / max(run.train_seconds, 1e-9),
         "train_tokens": tokens_per_step * cfg.steps, "backend": backend, "history": run.history, "checkpoint": ckpt,
+        "peak_memory_bytes": peak_memory(),
     }
+
+
+def peak_memory() -> int:
+    """The process' peak memory so far: on CUDA the allocator's peak, else the peak resident
+    set size (which includes evaluation and the loaded corpora)."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 def finetune(cfg: FinetuneConfig, cache: Optional[EvalCache] = None) -> dict:
@@ -332,6 +361,19 @@ def finetune(cfg: FinetuneConfig, cache: Optional[EvalCache] = None) -> dict:
         # 1. model, data, and the evaluation protocol's settings
         model, tok, saved = checkpoint.load_model(ckpt) if resuming else (*load_model(cfg.model), {})
         model.to(device)
+        # the teacher (distillation, algorithm.md §7): "start" is the model before pruning and
+        # fine-tuning, which a resumed run loads afresh; frozen, in bf16
+        loss_fn = None
+        if cfg.distilling:
+            from . import distill
+
+            spec = cfg.teacher or "start"
+            start = (load_model(cfg.model)[0] if resuming else model) if spec == "start" else None
+            teacher = distill.load_teacher(spec, start, device=device)
+            distill.check_teacher(teacher, model)
+            loss_fn = distill.DistillLoss(launch.wrap(teacher, True, world, device) if cfg.fsdp else teacher,
+                                          ce=cfg.distill_ce, kl=cfg.distill_kl, temperature=cfg.distill_temperature,
+                                          hidden=cfg.distill_hidden)
         run = RunState.from_dict(saved)
         ev = Evaluator(cfg, model, tok, rank, world, show, cache or EvalCache())
         batches = Batches(tokenize(tok, join(ev.cache.corpus(cfg.dataset)["train"])), cfg, rank, world, device)
@@ -364,7 +406,7 @@ def finetune(cfg: FinetuneConfig, cache: Optional[EvalCache] = None) -> dict:
             for micro in range(cfg.grad_accum):
                 x = batches(step, micro)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    loss = train_model(x, labels=x).loss
+                    loss = loss_fn(train_model, x) if loss_fn else train_model(x, labels=x).loss
                 (loss / cfg.grad_accum).backward()
                 opt.record_loss(loss)  # E_t: the mean of the micro-batch losses, over ranks (§0, §6)
             lr = sched.get_last_lr()[0]

@@ -65,3 +65,29 @@ def test_record_loss_averages_micro_batches():
         opt.step()  # the recorded losses were used up
     with pytest.raises(TypeError, match="agip.AGIP"):
         agip.hf.attach(torch.nn.Linear(2, 2), torch.optim.SGD([p], lr=0.1))
+
+
+def test_trainer_distils_through_agip_hf_distill(tmp_path):
+    import agip.distill
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=101, n_positions=32,
+                                  bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    T = 4
+    opt = agip.AGIP(agip.param_groups(model), lr=1e-3, target_sparsity=0.5, total_steps=T)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)
+    loss = agip.distill.DistillLoss(agip.distill.load_teacher("start", model, dtype=torch.float32), ce=1.0, kl=1.0,
+                                    hidden=1.0)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=T, per_device_train_batch_size=4, max_grad_norm=0.0, report_to=[],
+        save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = agip.hf.distill(transformers.Trainer(model=model, args=args, train_dataset=Blocks(),
+                                                   optimizers=(opt, sched)), loss)
+    result = trainer.train()
+    # the last step's terms: the pruned student now differs from its start, so KL and SquareHead are on
+    assert loss.last["kl"] > 0 and loss.last["hidden"] > 0
+    assert loss.last["loss"] == pytest.approx(loss.last["ce"] + loss.last["kl"] + loss.last["hidden"], rel=1e-6)
+    assert result.training_loss > 0 and opt.sparsity_report()["sparsity_prunable"] == pytest.approx(0.5, abs=1e-3)
+    with pytest.raises(TypeError, match="DistillLoss"):
+        agip.hf.distill(trainer, lambda m, x: 0)
