@@ -140,23 +140,26 @@ class DistillLoss:
         return self.total(self.terms(student, self.teacher_out(input_ids)))
 
 
-def load_teacher(spec: str, start_model: Optional[torch.nn.Module] = None, dtype: torch.dtype = torch.bfloat16,
+def load_teacher(spec, start_model: Optional[torch.nn.Module] = None, dtype: torch.dtype = torch.bfloat16,
                  device=None) -> torch.nn.Module:
     """The frozen teacher: ``"start"`` is a copy of ``start_model`` (the model before pruning
-    and fine-tuning); anything else is a model folder or name for :func:`agip.models.load_model`
-    (e.g. the checkpoint of a dense run, ``agip finetune --method adamw``). In ``dtype`` (bf16
-    by default: the teacher only runs forward), in eval mode, without gradients."""
-    if not isinstance(spec, str) or not spec:
-        raise ValueError(f"teacher must be 'start' or a model folder, got {spec!r}")
-    if spec == "start":
+    and fine-tuning); anything else is a model folder or hub name for transformers'
+    ``AutoModelForCausalLM.from_pretrained`` (e.g. the checkpoint of a dense run, ``agip
+    finetune --method adamw``: OUT/checkpoint). In ``dtype`` (bf16 by default: the teacher
+    only runs forward), in eval mode, without gradients. A module given as ``spec`` is taken
+    as it is (moved to ``dtype``)."""
+    if isinstance(spec, torch.nn.Module):
+        teacher = spec
+    elif not isinstance(spec, str) or not spec:
+        raise ValueError(f"teacher must be 'start', a model folder or a module, got {spec!r}")
+    elif spec == "start":
         if start_model is None:
             raise ValueError("teacher 'start' needs the starting model (start_model=...)")
         teacher = copy.deepcopy(start_model)
     else:
-        from . import checkpoint
-        from .models import load_model
+        from transformers import AutoModelForCausalLM
 
-        teacher = checkpoint.load_model(spec)[0] if checkpoint.is_checkpoint(spec) else load_model(spec)[0]
+        teacher = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
     teacher = teacher.to(dtype=dtype, device=device if device is not None else next(teacher.parameters()).device)
     return teacher.eval().requires_grad_(False)
 

@@ -368,8 +368,10 @@ def finetune(cfg: FinetuneConfig, cache: Optional[EvalCache] = None) -> dict:
             from . import distill
 
             spec = cfg.teacher or "start"
-            start = (load_model(cfg.model)[0] if resuming else model) if spec == "start" else None
-            teacher = distill.load_teacher(spec, start, device=device)
+            if spec == "start":
+                teacher = distill.load_teacher("start", load_model(cfg.model)[0] if resuming else model, device=device)
+            else:  # a folder, a hub name or the embedded default, by the harness' own loader
+                teacher = distill.load_teacher(load_model(spec)[0], device=device)
             distill.check_teacher(teacher, model)
             loss_fn = distill.DistillLoss(launch.wrap(teacher, True, world, device) if cfg.fsdp else teacher,
                                           ce=cfg.distill_ce, kl=cfg.distill_kl, temperature=cfg.distill_temperature,
@@ -448,6 +450,9 @@ def summary(report: dict) -> str:
         f"sparsity: {100 * report['sparsity_prunable']:.1f}% of the prunable weights "
         f"({report['n_pruned']:,} of {report['n_prunable']:,}), {100 * report['sparsity_all']:.1f}% of all "
         f"{report['n_params']:,} parameters",
+        *([f"distilled from {c['teacher'] or 'start'} (the model before pruning if 'start'): loss = "
+           f"{c['distill_ce']:g}·CE + {c['distill_kl']:g}·T²·KL (T={c['distill_temperature']:g}) + "
+           f"{c['distill_hidden']:g}·SquareHead"] if (c := report["config"])["distill_kl"] or c["distill_hidden"] else []),
         f"trained {report['train_tokens']:,} tokens in {report['train_seconds']:.0f} s "
         f"({report['tokens_per_s']:.0f} tokens/s, backend {report['backend']})",
         f"report: {os.path.join(report['config']['out'], 'report.md')} (+ report.json, *.png); "
