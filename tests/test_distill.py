@@ -104,6 +104,9 @@ def test_harness_distils_from_the_start_model_and_from_a_dense_checkpoint(gpt2_d
     assert plain["history"][0]["loss"] < start["history"][0]["loss"] < 1.05 * plain["history"][0]["loss"]
     assert [h["loss"] for h in start["history"][1:]] != [h["loss"] for h in plain["history"][1:]]
     assert start["config"]["distill_kl"] == 1.0 and start["peak_memory_bytes"] > 0
+    from agip.train import summary
+
+    assert "distilled from start" in summary(start) and "distilled" not in summary(plain)
     dense = finetune(config(gpt2_dir, corpus_dir, tmp_path / "dense", method="adamw", target_sparsity=0.0))
     ck = dense["checkpoint"]
     assert checkpoint.is_checkpoint(ck)
