@@ -8,7 +8,9 @@ budget (the same steps, tokens, LR schedule and seed for every method), in phase
    splits: in domain and out of domain);
 3. ``nm``: AGIP's 2:4 candidates at 50% (fixed groups or changing masks, two score powers),
    chosen the same way;
-4. ``grid``: dense; GMP; one-shot magnitude + FT; Wanda + FT; AGIP with the thesis preset;
+4. ``distill``: distillation's terms (KL, SquareHead, both; teacher: the model before
+   pruning) on the chosen 2:4 mode, chosen the same way;
+5. ``grid``: dense; GMP; one-shot magnitude + FT; Wanda + FT; AGIP with the thesis preset;
    AGIP with the chosen default; at each target, three seeds for dense, Wanda + FT and
    the default at the largest target; the default in the 2:4 pattern at 50%.
 
@@ -58,7 +60,15 @@ NM_CANDIDATES = [
     ("2:4, changing masks (decay 0.1), Fisher p=1/2", dict(sparsity_pattern="2:4", nm_mode="decay", nm_decay=0.1,
                                                            fisher_power=0.5)),
 ]
-PHASES = ("lr", "select", "nm", "grid")
+# distillation's candidates (teacher: the model before pruning), chosen on the 2:4 mode, where
+# the gap to dense is largest; then given to the baselines and the default alike in the grid
+DISTILL_CANDIDATES = [
+    ("KL, T=1", dict(distill_kl=1.0)),
+    ("SquareHead", dict(distill_hidden=1.0)),
+    ("KL + SquareHead", dict(distill_kl=1.0, distill_hidden=1.0)),
+]
+PHASES = ("lr", "select", "nm", "distill", "grid")
+DENSE_TEACHER = "dense-ft"  # a row's teacher: the study's dense fine-tuned model (one dense run, kept)
 
 
 def run_key(method, overrides, target, seed, lr, steps):
@@ -91,8 +101,10 @@ class Study:
             return self.done[key]
         name = f"{len(self.data['rows']) + 1:03d}-{method}-r{int(100 * target)}-s{seed}"
         out = os.path.join(self.args.out, "runs", name)
+        config = {**overrides, "teacher": self.dense_teacher(lr)} if overrides.get("teacher") == DENSE_TEACHER \
+            else overrides
         cfg = FinetuneConfig(**{**self.common, "method": method, "target_sparsity": target, "seed": seed, "lr": lr,
-                                "out": out, **overrides})
+                                "out": out, **config})
         t0 = time.time()
         print(f"[{phase}] {label} r={target} seed={seed} lr={lr:g} ...", flush=True)
         rep = finetune(cfg, cache=self.cache)  # the grid shares corpora and the fresh model's figures
@@ -118,6 +130,21 @@ class Study:
         print(f"    test ppl {row['ppl_test']:.3f}, validation {row['ppl_validation']:.3f}"
               + (f", {self.args.ood} test {row['ood_test']:.3f}" if row["ood_test"] else ""), flush=True)
         return row
+
+    def dense_teacher(self, lr) -> str:
+        """The checkpoint of dense fine-tuning (seed 0, this study's budget), kept as a
+        teacher: run once (its cost is stated as the 'teacher' row), then reused."""
+        out = os.path.join(self.args.out, "teacher-dense")
+        path = os.path.join(out, "checkpoint")
+        if not checkpoint.is_checkpoint(path):
+            t0 = time.time()
+            print(f"[teacher] dense fine-tuning, kept as the teacher in {path} ...", flush=True)
+            rep = finetune(FinetuneConfig(**{**self.common, "method": "adamw", "target_sparsity": 0.0, "seed": 0,
+                                             "lr": lr, "out": out}), cache=self.cache)
+            self.data.setdefault("teacher", {})["dense-ft"] = {"path": path, "wall_s": time.time() - t0,
+                                                              "ppl_test": rep["ppl_after"]["ppl"]}
+            self.save()
+        return path
 
     @staticmethod
     def val_score(row):
@@ -151,6 +178,21 @@ class Study:
                 for label, ov in NM_CANDIDATES]
         label, ov, _ = min(rows, key=lambda r: self.val_score(r[2]))
         self.data["choices"]["nm"] = {"label": label, "overrides": ov}
+        self.save()
+
+    def choose_distill(self, lr):
+        nm_choice = self.data["choices"].get("nm")
+        if nm_choice is None:
+            sys.exit("no 2:4 mode chosen yet: run the 'nm' phase first")
+        rows = [(label, ov, self.run(f"AGIP 2:4 ({nm_choice['label']}), distilled: {label}", "agip",
+                                     {**nm_choice["overrides"], **ov}, 0.5, 0, lr, "distill"))
+                for label, ov in DISTILL_CANDIDATES]
+        base = self.done.get(run_key("agip", nm_choice["overrides"], 0.5, 0, lr, self.args.steps))
+        label, ov, best = min(rows, key=lambda r: self.val_score(r[2]))
+        if base is not None and self.val_score(base) <= self.val_score(best):
+            print(f"distillation: no candidate beats the 2:4 mode without it on validation "
+                  f"({self.val_score(best):.3f} vs {self.val_score(base):.3f}); the best one is still recorded")
+        self.data["choices"]["distill"] = {"label": label, "overrides": ov}
         self.save()
 
     def grid(self, lr, default_label, default_overrides):
@@ -198,9 +240,20 @@ class Study:
                  for name, method in (("Wanda + FT", "wanda"), ("one-shot magnitude + FT", "magnitude"))]
         if importlib.util.find_spec("llmcompressor") is not None:
             runs.append(("SparseGPT + FT (llmcompressor), 2:4", "sparsegpt", {"sparsity_pattern": "2:4"}, 0.5, 0))
-        nm_choice = self.data["choices"].get("nm")
+        nm_choice, dist = self.data["choices"].get("nm"), self.data["choices"].get("distill")
         if nm_choice and 0.5 in targets:
             runs += [(f"AGIP 2:4 ({nm_choice['label']})", "agip", nm_choice["overrides"], 0.5, s) for s in (1, 2)]
+        # the chosen distillation for the 2:4 baselines and the unstructured default at 50% (the
+        # same teacher, terms and helper), and for the 2:4 mode with the dense fine-tuned teacher
+        if dist and 0.5 in targets:
+            tag = f"distilled: {dist['label']}"
+            runs += [(f"Wanda + FT, 2:4, {tag}", "wanda", {"sparsity_pattern": "2:4", **dist["overrides"]}, 0.5, 0),
+                     (f"{default[0]}, {tag}", "agip", {**default_overrides, **dist["overrides"]}, 0.5, 0),
+                     (f"one-shot magnitude + FT, 2:4, {tag}", "magnitude", {"sparsity_pattern": "2:4",
+                                                                           **dist["overrides"]}, 0.5, 0)]
+            if nm_choice:
+                runs.append((f"AGIP 2:4 ({nm_choice['label']}), {tag}, teacher: dense fine-tuned", "agip",
+                             {**nm_choice["overrides"], **dist["overrides"], "teacher": DENSE_TEACHER}, 0.5, 0))
         for label, method, ov, target, seed in runs:
             if (self.args.only and not label.startswith(self.args.only)) or \
                     (self.args.seeds is not None and seed not in self.args.seeds):
@@ -254,6 +307,8 @@ def main(argv=None):
                 sys.exit("no default chosen yet: run the 'select' phase first")
         if "nm" in args.phase and 0.5 in args.targets:
             study.choose_nm(lr, ov)
+        if "distill" in args.phase and 0.5 in args.targets:
+            study.choose_distill(lr)
         if "grid" in args.phase:
             study.grid(lr, label, ov)
     write_outputs(study.data, args.out, args.steps)
