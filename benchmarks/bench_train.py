@@ -26,47 +26,66 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import _checkout  # noqa: E402,F401  (this checkout's agip, its root off sys.path)
 
 import agip  # noqa: E402
+import agip.distill  # noqa: E402
 from agip.data import join, load_corpus  # noqa: E402
 from agip.models import EMBEDDED, load_model  # noqa: E402
 from agip.train import tokenize  # noqa: E402
 
 
-def make_configs(model, backend: str, total_steps: int):
-    """name -> (model copy, optimizer, step function)."""
-    configs = {}
+def plain_loss(m, x):
+    return m(x, labels=x).loss
 
-    m = copy.deepcopy(model)
-    params = [p for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(agip.param_groups(m), lr=5e-5, weight_decay=0.01, fused=True)
 
-    def adamw_step(opt=opt, params=params, loss=None):
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    configs["torch AdamW(fused) + clip"] = (m, adamw_step)
-
-    m = copy.deepcopy(model)
-    opt = agip.TAAdamW(agip.param_groups(m), lr=5e-5, ta_gamma=0.0, backend=backend)
-
-    def ta_step(opt=opt, loss=None):
-        opt.step(loss=loss)
-        opt.zero_grad()
-
-    configs[f"agip.TAAdamW(ta_gamma=0), {backend}"] = (m, ta_step)
-
-    # every timed step is a pruning step of a ramp: theta > 0 and new entries pruned each step;
-    # the default's score (v_t), and the score of v_(t-1), which the previous update histograms
-    for moment, label in (("current", ""), ("previous", " of v_(t-1)")):
+def make_configs(model, backend: str, total_steps: int, distill: bool = False) -> dict:
+    """name -> a function that builds (model copy, step function, loss function): built one
+    at a time, so that ``--memory`` measures each configuration alone."""
+    def adamw():
         m = copy.deepcopy(model)
-        opt = agip.AGIP(agip.param_groups(m), lr=5e-5, target_sparsity=0.5, total_steps=total_steps, warmup_steps=0,
-                        prune_interval=1, fisher_moment=moment, backend=backend)
+        params = [p for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(agip.param_groups(m), lr=5e-5, weight_decay=0.01, fused=True)
 
-        def agip_step(opt=opt, loss=None):
+        def adamw_step(opt=opt, params=params, loss=None):
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return m, adamw_step, plain_loss
+
+    def taadamw():
+        m = copy.deepcopy(model)
+        opt = agip.TAAdamW(agip.param_groups(m), lr=5e-5, ta_gamma=0.0, backend=backend)
+
+        def ta_step(opt=opt, loss=None):
             opt.step(loss=loss)
             opt.zero_grad()
 
-        configs[f"AGIP pruning every step ({opt.config.saliency}{label}), {backend}"] = (m, agip_step)
+        return m, ta_step, plain_loss
+
+    # every timed step is a pruning step of a ramp: theta > 0 and new entries pruned each step;
+    # the default's score (v_t), and the score of v_(t-1), which the previous update histograms
+    def pruning(moment, loss_fn=None):
+        def build():
+            m = copy.deepcopy(model)
+            opt = agip.AGIP(agip.param_groups(m), lr=5e-5, target_sparsity=0.5, total_steps=total_steps,
+                            warmup_steps=0, prune_interval=1, fisher_moment=moment, backend=backend)
+
+            def agip_step(opt=opt, loss=None):
+                opt.step(loss=loss)
+                opt.zero_grad()
+
+            return m, agip_step, loss_fn() if loss_fn else plain_loss
+        return build
+
+    def distilled(**weights):  # the teacher: a frozen bf16 copy of the model before pruning
+        return lambda: agip.distill.DistillLoss(agip.distill.load_teacher("start", model), **weights)
+
+    configs = {"torch AdamW(fused) + clip": adamw, f"agip.TAAdamW(ta_gamma=0), {backend}": taadamw,
+               f"AGIP pruning every step (fisher), {backend}": pruning("current"),
+               f"AGIP pruning every step (fisher of v_(t-1)), {backend}": pruning("previous")}
+    if distill:  # distillation's cost: the teacher's forward pass and the KL over the vocabulary
+        configs[f"AGIP (fisher) + distillation, KL, {backend}"] = pruning("current", distilled(kl=1.0))
+        configs[f"AGIP (fisher) + distillation, KL + SquareHead, {backend}"] = pruning(
+            "current", distilled(kl=1.0, hidden=1.0))
     return configs
 
 
@@ -80,6 +99,11 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    ap.add_argument("--distill", action="store_true",
+                    help="add AGIP with distillation (teacher: a bf16 copy of the start model; KL, KL + SquareHead)")
+    ap.add_argument("--memory", action="store_true",
+                    help="also run each configuration alone in a child process (2 steps) and report its peak RSS")
+    ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # the child of --memory: one configuration
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "bench_train-cpu.json"))
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.steps < 1:
@@ -91,7 +115,19 @@ def main(argv=None):
     n_blocks = ids.numel() // args.block_size
     blocks = ids[: n_blocks * args.block_size].view(n_blocks, args.block_size)
     total = (args.rounds + 1) * args.steps
-    configs = make_configs(model, args.backend, total_steps=total + 1)
+    builders = make_configs(model, args.backend, total_steps=total + 1, distill=args.distill)
+    if args.only is not None:  # one configuration alone: its peak memory
+        m, opt_step, loss_fn = builders[args.only]()
+        del model
+        for i in range(args.steps):
+            x = blocks[[(i * args.batch_size + j) % n_blocks for j in range(args.batch_size)]].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not args.fp32):
+                loss = loss_fn(m, x)
+            loss.backward()
+            opt_step(loss=loss.item())
+        print(json.dumps({"peak_rss_bytes": peak_rss()}))
+        return None
+    configs = {name: build() for name, build in builders.items()}
     del model
     tokens = args.batch_size * args.block_size
     times = {name: {"fwd_bwd": [], "opt": [], "total": []} for name in configs}
@@ -105,11 +141,11 @@ def main(argv=None):
         for i in range(args.steps):
             x = blocks[[(step * args.batch_size + j) % n_blocks for j in range(args.batch_size)]].to(device)
             step += 1
-            for name, (m, opt_step) in configs.items():
+            for name, (m, opt_step, loss_fn) in configs.items():
                 sync()
                 t0 = time.perf_counter()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not args.fp32):
-                    loss = m(x, labels=x).loss
+                    loss = loss_fn(m, x)
                 loss.backward()
                 E = loss.item()
                 sync()
@@ -124,20 +160,23 @@ def main(argv=None):
         print(f"round {rnd + 1}/{args.rounds + 1} done", file=sys.stderr, flush=True)
 
     rows = []
+    memory = {name: child_peak_rss(argv_for(args, name)) for name in configs} if args.memory else {}
     base = statistics.median(next(iter(times.values()))["total"])
     for name, t in times.items():
         med = {k: statistics.median(v) for k, v in t.items()}
         rows.append(dict(config=name, fwd_bwd_s=med["fwd_bwd"], opt_step_s=med["opt"], step_s=med["total"],
                          tokens_per_s=tokens / med["total"], tokens_per_s_vs_adamw=base / med["total"],
-                         samples=len(t["total"])))
+                         samples=len(t["total"]), peak_rss_bytes=memory.get(name)))
     print(f"{args.model} on {device}, {torch.get_num_threads()} threads, {tokens} tokens/step, "
           f"{'fp32' if args.fp32 else 'bf16 autocast'}, medians of {rows[0]['samples']} steps")
-    header = f"{'configuration':<52} {'fwd+bwd s':>10} {'opt step s':>11} {'step s':>8} {'tokens/s':>9} {'vs AdamW':>9}"
+    header = (f"{'configuration':<58} {'fwd+bwd s':>10} {'opt step s':>11} {'step s':>8} {'tokens/s':>9} {'vs AdamW':>9}"
+              + (f" {'peak RSS GB':>12}" if memory else ""))
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['config']:<52} {r['fwd_bwd_s']:>10.3f} {r['opt_step_s']:>11.3f} {r['step_s']:>8.3f} "
-              f"{r['tokens_per_s']:>9.1f} {r['tokens_per_s_vs_adamw']:>9.3f}")
+        print(f"{r['config']:<58} {r['fwd_bwd_s']:>10.3f} {r['opt_step_s']:>11.3f} {r['step_s']:>8.3f} "
+              f"{r['tokens_per_s']:>9.1f} {r['tokens_per_s_vs_adamw']:>9.3f}"
+              + (f" {r['peak_rss_bytes'] / 1e9:>12.2f}" if memory else ""))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"model": args.model, "device": str(device), "threads": torch.get_num_threads(),
@@ -145,6 +184,29 @@ def main(argv=None):
                    "rows": rows, "times": times}, f, indent=2)
     print(f"wrote {args.out}")
     return rows
+
+
+def peak_rss() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+def argv_for(args, name: str) -> list:
+    out = ["--model", args.model, "--dataset", args.dataset, "--backend", args.backend, "--steps", "2",
+           "--batch-size", str(args.batch_size), "--block-size", str(args.block_size), "--only", name]
+    return out + (["--fp32"] if args.fp32 else []) + (["--distill"] if args.distill else [])
+
+
+def child_peak_rss(argv: list) -> int:
+    """The peak resident set size of a child process that runs one configuration alone: the
+    model, the corpus, the copy under test and its optimizer (and teacher) state."""
+    import subprocess
+
+    res = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"the memory run of {argv[-1]!r} failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
 
 
 if __name__ == "__main__":

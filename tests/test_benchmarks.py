@@ -79,3 +79,19 @@ def test_bench_memory_measures_what_it_computes(gpt2_dir, tmp_path):
     # FSDP2 divides the state by the world size; DDP replicates it
     assert rows[(8, "fsdp")]["computed_bytes_per_param"] < rows[(2, "fsdp")]["computed_bytes_per_param"] / 3
     assert rows[(8, "ddp")]["computed_bytes_per_param"] == rows[(2, "ddp")]["computed_bytes_per_param"]
+
+
+def test_bench_train_with_distillation_and_memory(gpt2_dir, corpus_dir, tmp_path):
+    """bench_train.py on a tiny GPT-2: the distillation rows and each configuration's peak
+    memory from a child process that builds it alone (the teacher's copy shows)."""
+    out = tmp_path / "train.json"
+    res = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_train.py"), "--model", gpt2_dir, "--dataset",
+         corpus_dir, "--rounds", "1", "--steps", "1", "--batch-size", "2", "--block-size", "32", "--fp32",
+         "--backend", "reference", "--distill", "--memory", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 6 and all(r["tokens_per_s"] > 0 and r["peak_rss_bytes"] > 0 for r in rows.values())
+    assert any("KL + SquareHead" in name for name in rows) and "peak RSS GB" in res.stdout
