@@ -83,26 +83,38 @@ def select(flat, plan, n: int, m: int, k: int):
         sg = _grouped(score[sl], s.shape, s.input_dim, m)
         active = _grouped(b.mask[sl], s.shape, s.input_dim, m)
         # order inside a group: pruned entries first, then by score, then by index
-        key = torch.where(active, sg, torch.full_like(sg, -1.0))
-        order = torch.sort(key, dim=1, stable=True).indices
-        smallest = torch.gather(sg, 1, order[:, :n])
-        cost = smallest[:, 0].clone()
-        for j in range(1, n):  # fp32 additions in increasing order: every platform alike
-            cost = cost + smallest[:, j]
-        per_slot.append((b, s, order, cost))
+        ranks = _ranks(torch.where(active, sg, torch.full_like(sg, -1.0)))
+        cost = None
+        for r in range(n):  # fp32 additions in increasing order: every platform alike
+            at = (ranks == r).to(torch.uint8).argmax(dim=1, keepdim=True)  # the one entry of rank r
+            v = torch.gather(sg, 1, at).squeeze(1)
+            cost = v if cost is None else cost + v
+        per_slot.append((b, s, ranks < n, cost))
     theta = -1.0
     if k > 0:
         theta = reference.kth_smallest(torch.cat([c for *_, c in per_slot]), k, flat.comm)
     masks = {id(b): b.mask.clone() for b in flat.buckets if b.n_prunable}
-    for b, s, order, cost in per_slot:
-        keep = torch.ones(order.shape, dtype=torch.bool, device=order.device)
+    for b, s, first, cost in per_slot:
+        keep = torch.ones(first.shape, dtype=torch.bool, device=first.device)
         if k > 0:
             pruned = cost <= theta
-            drop = torch.zeros_like(keep)
-            drop.scatter_(1, order[:, :n], True)
-            keep = ~(drop & pruned[:, None])
+            keep = ~(first & pruned[:, None])
         masks[id(b)][s.start : s.start + s.numel] = _ungroup(keep, s.shape, s.input_dim)
     return masks, theta
+
+
+def _ranks(key: torch.Tensor) -> torch.Tensor:
+    """Each entry's place in the stable ascending order of its row (0 = smallest; ties: the
+    lower index first), from M² comparisons: on the CPU several times faster than a sort of
+    rows of M entries (measured 7x for 2:4), with the very same order."""
+    m = key.shape[1]
+    ranks = torch.zeros(key.shape, dtype=torch.uint8, device=key.device)
+    for j in range(m):
+        col = key[:, j]
+        for i in range(m):
+            if i != j:  # i comes before j: smaller, or equal with a lower index
+                ranks[:, j] += (key[:, i] <= col) if i < j else (key[:, i] < col)
+    return ranks
 
 
 def groups_to_prune(ratio: float, n: int, m: int, total: int) -> int:
