@@ -100,11 +100,13 @@ def test_full_checkpoint_from_shards_loads_in_one_process(distributed):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("fsdp", [True, False], ids=["fsdp", "ddp"])
-def test_finetune_under_torchrun(gpt2_dir, corpus_dir, tmp_path, capsys, fsdp):
+@pytest.mark.parametrize("fsdp,distill", [(True, False), (False, False), (True, True), (False, True)],
+                         ids=["fsdp", "ddp", "fsdp-distill", "ddp-distill"])
+def test_finetune_under_torchrun(gpt2_dir, corpus_dir, tmp_path, capsys, fsdp, distill):
     """`agip finetune` with 2 processes: rank 0 writes one report and one whole checkpoint,
     which `agip eval` in one process measures to the same perplexity (the ranks split the
-    evaluation windows and sum their log-likelihoods)."""
+    evaluation windows and sum their log-likelihoods). With distillation every rank holds the
+    teacher (DDP) or its shards (FSDP2)."""
     import json
 
     from agip.cli import main
@@ -112,11 +114,13 @@ def test_finetune_under_torchrun(gpt2_dir, corpus_dir, tmp_path, capsys, fsdp):
     out = tmp_path / "run"
     res = torchrun("-m", "agip.cli", "finetune", "--model", gpt2_dir, "--dataset", corpus_dir, "--steps", "4",
                    "--batch-size", "2", "--block-size", "32", "--eval-seq-len", "64", "--eval-max-tokens", "448",
-                   "--target-sparsity", "0.5", "--out", str(out), "--no-progress", *(["--fsdp"] if fsdp else []))
+                   "--target-sparsity", "0.5", "--out", str(out), "--no-progress", *(["--fsdp"] if fsdp else []),
+                   *(["--distill-kl", "1", "--distill-hidden", "1"] if distill else []))
     assert res.stdout.count("perplexity on") == 1  # rank 0 speaks
     report = json.loads((out / "report.json").read_text())
     assert report["sparsity_prunable"] == 0.5
     assert report["train_tokens"] == 4 * 2 * 2 * 32  # steps x ranks x batch x block
+    assert report["config"]["distill_kl"] == (1.0 if distill else 0.0)
     # 7 windows over 2 ranks: one rank runs a window more, scoring nothing of it
     assert main(["eval", str(out / "checkpoint"), "--dataset", corpus_dir, "--seq-len", "64", "--max-tokens", "448",
                  "--no-progress"]) == 0
