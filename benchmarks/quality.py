@@ -255,7 +255,8 @@ class Study:
                 runs.append((f"AGIP 2:4 ({nm_choice['label']}), {tag}, teacher: dense fine-tuned", "agip",
                              {**nm_choice["overrides"], **dist["overrides"], "teacher": DENSE_TEACHER}, 0.5, 0))
         for label, method, ov, target, seed in runs:
-            if (self.args.only and not label.startswith(self.args.only)) or \
+            if (self.args.only and not any(label == o if self.args.exact else label.startswith(o)
+                                           for o in self.args.only)) or \
                     (self.args.seeds is not None and seed not in self.args.seeds):
                 continue
             self.run(label, method, ov, target, seed, lr, "grid")
@@ -278,10 +279,12 @@ def main(argv=None):
     ap.add_argument("--keep-checkpoints", action="store_true")
     ap.add_argument("--quick", action="store_true", help="2 steps, short evaluations: checks the pipeline only")
     ap.add_argument("--report-only", action="store_true", help="rebuild the table and plot from the JSON")
-    ap.add_argument("--only", default=None, help="run only the grid rows whose label starts with this")
+    ap.add_argument("--only", nargs="+", default=None, help="run only the grid rows whose label starts with one of these")
+    ap.add_argument("--exact", action="store_true", help="--only's labels must match whole labels")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="run only the grid rows of these seeds")
     ap.add_argument("--default-from", default=None,
-                    help="a study JSON whose chosen default (and lr) to use, e.g. study-100.json for a 24-step grid")
+                    help="a study JSON whose choices (lr, default, 2:4 mode, distillation) to use, e.g. study-100.json "
+                         "for a 400-step grid")
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.eval_max_tokens = 2, min(args.eval_max_tokens, 512)
@@ -292,7 +295,9 @@ def main(argv=None):
         with open(args.default_from) as f:
             chosen = json.load(f)["choices"]
         study.data["choices"].setdefault("lr", args.lr or chosen["lr"])
-        study.data["choices"].setdefault("default", chosen["default"])
+        for what in ("default", "nm", "distill"):
+            if what in chosen:
+                study.data["choices"].setdefault(what, chosen[what])
     if not args.report_only:
         lr = study.data["choices"].get("lr") or (study.choose_lr() if "lr" in args.phase else None)
         if lr is None:
