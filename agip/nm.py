@@ -75,15 +75,16 @@ def select(flat, plan, n: int, m: int, k: int):
     per_slot, scores = [], {}
     for b, s in flat.prunable_slots():
         if id(b) not in scores:
-            # the unstructured score; torch's own sqrt, not the correctly rounded one the fused
-            # kernels need: every backend shares this pass (and it is 100x faster on the CPU)
-            scores[id(b)] = reference.saliency(b, plan, sqrt=torch.sqrt)
+            # the unstructured score; torch's own sqrt (in place on the score's own temporary),
+            # not the correctly rounded one the fused kernels need: every backend shares this
+            # pass (and it is 100x faster on the CPU)
+            scores[id(b)] = reference.saliency(b, plan, sqrt=torch.Tensor.sqrt_)
         score = scores[id(b)]
         sl = slice(s.start, s.start + s.numel)
         sg = _grouped(score[sl], s.shape, s.input_dim, m)
         active = _grouped(b.mask[sl], s.shape, s.input_dim, m)
         # order inside a group: pruned entries first, then by score, then by index
-        ranks = _ranks(torch.where(active, sg, torch.full_like(sg, -1.0)))
+        ranks = _ranks(torch.where(active, sg, -1.0))
         cost = None
         for r in range(n):  # fp32 additions in increasing order: every platform alike
             at = (ranks == r).to(torch.uint8).argmax(dim=1, keepdim=True)  # the one entry of rank r
