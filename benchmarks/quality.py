@@ -242,7 +242,8 @@ class Study:
             runs.append(("SparseGPT + FT (llmcompressor), 2:4", "sparsegpt", {"sparsity_pattern": "2:4"}, 0.5, 0))
         nm_choice, dist = self.data["choices"].get("nm"), self.data["choices"].get("distill")
         if nm_choice and 0.5 in targets:
-            runs += [(f"AGIP 2:4 ({nm_choice['label']})", "agip", nm_choice["overrides"], 0.5, s) for s in (1, 2)]
+            # seed 0 is the nm phase's run at this budget (the same key: not run twice)
+            runs += [(f"AGIP 2:4 ({nm_choice['label']})", "agip", nm_choice["overrides"], 0.5, s) for s in (0, 1, 2)]
         # the chosen distillation for the 2:4 baselines and the unstructured default at 50% (the
         # same teacher, terms and helper), and for the 2:4 mode with the dense fine-tuned teacher
         if dist and 0.5 in targets:
