@@ -20,21 +20,29 @@ class Blocks(torch.utils.data.Dataset):
         return {"input_ids": self.x[i], "labels": self.x[i]}
 
 
-def test_trainer_prunes_with_agip(tmp_path):
+def tiny_gpt2():
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=101, n_positions=32,
-                                  bos_token_id=0, eos_token_id=0)
-    model = transformers.GPT2LMHeadModel(cfg)
-    T = 8
-    opt = agip.AGIP(agip.param_groups(model), preset="thesis", lr=1e-3, target_sparsity=0.4, total_steps=T)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=101,
+                                                                n_positions=32, bos_token_id=0, eos_token_id=0))
+
+
+def make_trainer(tmp_path, model, opt, T):
+    """A CPU Trainer of T steps on Blocks() with AGIP as its optimizer (AGIP clips: max_grad_norm=0)."""
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)
-    handle = agip.hf.attach(model, opt)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=T, per_device_train_batch_size=4, gradient_accumulation_steps=1,
         max_grad_norm=0.0, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
         disable_tqdm=True,
     )
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Blocks(), optimizers=(opt, sched))
+    return transformers.Trainer(model=model, args=args, train_dataset=Blocks(), optimizers=(opt, sched))
+
+
+def test_trainer_prunes_with_agip(tmp_path):
+    model = tiny_gpt2()
+    T = 8
+    opt = agip.AGIP(agip.param_groups(model), preset="thesis", lr=1e-3, target_sparsity=0.4, total_steps=T)
+    handle = agip.hf.attach(model, opt)
+    trainer = make_trainer(tmp_path, model, opt, T)
     result = trainer.train()
     rep = opt.sparsity_report()
     # the losses AGIP saw are the Trainer's: their mean is the Trainer's train_loss
@@ -70,20 +78,12 @@ def test_record_loss_averages_micro_batches():
 def test_trainer_distils_through_agip_hf_distill(tmp_path):
     import agip.distill
 
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=101, n_positions=32,
-                                  bos_token_id=0, eos_token_id=0)
-    model = transformers.GPT2LMHeadModel(cfg)
+    model = tiny_gpt2()
     T = 4
     opt = agip.AGIP(agip.param_groups(model), lr=1e-3, target_sparsity=0.5, total_steps=T)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)
     loss = agip.distill.DistillLoss(agip.distill.load_teacher("start", model, dtype=torch.float32), ce=1.0, kl=1.0,
                                     hidden=1.0)
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=T, per_device_train_batch_size=4, max_grad_norm=0.0, report_to=[],
-        save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True)
-    trainer = agip.hf.distill(transformers.Trainer(model=model, args=args, train_dataset=Blocks(),
-                                                   optimizers=(opt, sched)), loss)
+    trainer = agip.hf.distill(make_trainer(tmp_path, model, opt, T), loss)
     result = trainer.train()
     # the last step's terms: the pruned student now differs from its start, so KL and SquareHead are on
     assert loss.last["kl"] > 0 and loss.last["hidden"] > 0
