@@ -48,6 +48,8 @@ def _add_finetune(sub):
                    help="decay mode: the share a pruning step takes off the weights outside the masks, at R_target")
     p.add_argument("--schedule", default=d.schedule, choices=("exp", "cubic", "oneshot"),
                    help="default: the preset's")
+    p.add_argument("--ramp-end", type=float, default=d.ramp_end,
+                   help="the cubic ramp reaches the target at this share of --steps")
     p.add_argument("--prune-interval", type=int, default=d.prune_interval, help="default: the preset's")
     p.add_argument("--saliency", default=d.saliency, choices=SALIENCIES,
                    help="taylor: |w g| (the thesis); fisher: |w| v^p from Adam's second moment. Default: the preset's")

@@ -69,6 +69,7 @@ class Config:
     schedule: str = "cubic"
     total_steps: Optional[int] = None
     warmup_steps: Optional[int] = None
+    ramp_end: float = 0.75  # the cubic ramp reaches the target at ramp_end * total_steps
     tau: Optional[float] = None
     prune_interval: int = 1
     regrow_fraction: float = 0.0
@@ -129,10 +130,12 @@ class Config:
         need(self.nm_mode == "fixed" or pattern is not None,
              f"nm_mode={self.nm_mode!r} is for an N:M sparsity_pattern (e.g. '2:4'); unstructured masks change "
              "through regrow_fraction")
+        need(number(self.ramp_end) and 0 < self.ramp_end <= 1,
+             f"ramp_end must be in (0, 1] (the share of total_steps where the cubic ramp ends), got {self.ramp_end!r}")
         need(number(self.nm_decay) and 0 < self.nm_decay <= 1, f"nm_decay must be in (0, 1], got {self.nm_decay!r}")
         # stored as the state dict records them (a resumed run compares them)
         for name in ("ta_gamma", "ta_beta", "ta_k", "ta_clip", "ta_eps", "ta_loss_floor", "target_sparsity",
-                     "regrow_fraction", "saliency_ema", "fisher_power", "nm_decay"):
+                     "regrow_fraction", "saliency_ema", "fisher_power", "nm_decay", "ramp_end"):
             object.__setattr__(self, name, float(getattr(self, name)))
         object.__setattr__(self, "stability", bool(self.stability))
 

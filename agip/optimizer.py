@@ -46,7 +46,8 @@ class TAAdamW(torch.optim.Optimizer):
         need(isinstance(backend, str), f"backend must be a string, got {type(backend).__name__}")
         cfg = self.config  # R_t (docs/algorithm.md §3): 0 at every step without a target
         self.schedule = SparsitySchedule(cfg.target_sparsity, cfg.schedule, cfg.total_steps, cfg.warmup_steps,
-                                         cfg.tau, cfg.prune_interval, cfg.stability, cfg.stability_window)
+                                         cfg.tau, cfg.prune_interval, cfg.stability, cfg.stability_window,
+                                         cfg.ramp_end)
         self._selection = None  # AGIP's: which entries a pruning step keeps
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, prune=False)
         check_group(defaults)
@@ -244,14 +245,15 @@ class AGIP(TAAdamW):
                  stability_window: int = 50, backend: str = "auto", saliency: Optional[str] = None,
                  fisher_power: Optional[float] = None, preset: str = "default", process_group=None,
                  sparsity_pattern: str = "unstructured", fisher_moment: Optional[str] = None, nm_mode: str = "fixed",
-                 nm_decay: float = 0.1):
+                 nm_decay: float = 0.1, ramp_end: float = 0.75):
         cfg = Config.resolve(
             preset, max_grad_norm=max_grad_norm, ta_gamma=ta_gamma, ta_beta=ta_beta, ta_k=ta_k, ta_clip=ta_clip,
             ta_eps=ta_eps, ta_loss_floor=ta_loss_floor, target_sparsity=target_sparsity, schedule=schedule,
             total_steps=total_steps, warmup_steps=warmup_steps, tau=tau, prune_interval=prune_interval,
             regrow_fraction=regrow_fraction, saliency_ema=saliency_ema, stability=stability,
             stability_window=stability_window, saliency=saliency, fisher_power=fisher_power,
-            fisher_moment=fisher_moment, sparsity_pattern=sparsity_pattern, nm_mode=nm_mode, nm_decay=nm_decay)
+            fisher_moment=fisher_moment, sparsity_pattern=sparsity_pattern, nm_mode=nm_mode, nm_decay=nm_decay,
+            ramp_end=ramp_end)
         super().__init__(params, lr, betas, eps, weight_decay, backend=backend, process_group=process_group, config=cfg)
         if cfg.target_sparsity > 0 and self._flat.n_prunable_global == 0:
             raise ValueError(f"target_sparsity={cfg.target_sparsity} but no param group has prune=True: build the "

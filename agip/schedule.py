@@ -12,7 +12,7 @@ class SparsitySchedule:
     """Owns R_t and the window of recent losses; the math is in :meth:`base` and :meth:`alpha`.
 
     ``target`` is R_target over the prunable set. ``total_steps`` (T), when known, gives the
-    defaults ``t_warmup = floor(0.05 T)``, ``tau = 0.15 T``, ``t_end = 0.75 T`` and makes the
+    defaults ``t_warmup = floor(0.05 T)``, ``tau = 0.15 T``, ``t_end = ramp_end · T`` (0.75 T) and makes the
     last pruning step at or before T snap to exactly ``target`` (docs/algorithm.md §3).
     """
 
@@ -26,6 +26,7 @@ class SparsitySchedule:
         prune_interval: int = 1,
         stability: bool = True,
         stability_window: int = 50,
+        ramp_end: float = 0.75,
     ):
         if shape not in SHAPES:
             raise ValueError(f"schedule must be one of {SHAPES}, got {shape!r}")
@@ -37,6 +38,9 @@ class SparsitySchedule:
             raise ValueError(f"tau must be a number > 0 or None, got {tau!r}")
         if not isinstance(prune_interval, int) or prune_interval < 1:
             raise ValueError(f"prune_interval must be an int >= 1, got {prune_interval!r}")
+        if not (isinstance(ramp_end, (int, float)) and 0 < ramp_end <= 1):
+            raise ValueError(f"ramp_end must be in (0, 1] (the share of total_steps where the cubic ramp ends), "
+                             f"got {ramp_end!r}")
         if not isinstance(stability_window, int) or stability_window < 2:
             raise ValueError(f"stability_window must be an int >= 2, got {stability_window!r}")
         self.target = float(target)
@@ -61,7 +65,7 @@ class SparsitySchedule:
                 raise ValueError("schedule='cubic' needs total_steps (it ramps until 0.75 * total_steps)")
         self.warmup_steps = warmup_steps if warmup_steps is not None else 0
         self.tau = float(tau) if tau is not None else None
-        self.t_end = 0.75 * T if T is not None else None
+        self.t_end = ramp_end * T if T is not None else None
         # The last pruning step at or before T: there R_t snaps to the target.
         if T is not None and T >= self.warmup_steps:
             self.final_prune_step = self.warmup_steps + ((T - self.warmup_steps) // prune_interval) * prune_interval

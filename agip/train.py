@@ -44,6 +44,7 @@ class FinetuneConfig:
     nm_mode: str = "fixed"  # N:M: "fixed" (a pruned group stays pruned) or "decay" (masks change; §2.5b)
     nm_decay: float = 0.1
     schedule: Optional[str] = None  # None here and below: the preset's value
+    ramp_end: float = 0.75  # the cubic ramp reaches the target at ramp_end * steps
     prune_interval: Optional[int] = None
     regrow_fraction: float = 0.0
     saliency_ema: float = 0.0
@@ -138,7 +139,8 @@ class FinetuneConfig:
                     prune_interval=self.prune_interval, regrow_fraction=self.regrow_fraction,
                     saliency_ema=self.saliency_ema, stability=self.stability, saliency=self.saliency,
                     fisher_power=self.fisher_power, fisher_moment=self.fisher_moment,
-                    sparsity_pattern=self.sparsity_pattern, nm_mode=self.nm_mode, nm_decay=self.nm_decay)
+                    sparsity_pattern=self.sparsity_pattern, nm_mode=self.nm_mode, nm_decay=self.nm_decay,
+                    ramp_end=self.ramp_end)
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

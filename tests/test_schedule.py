@@ -95,3 +95,13 @@ def test_without_total_steps_exp_runs_on_explicit_warmup_and_tau():
     s = SparsitySchedule(0.3, "exp", warmup_steps=0, tau=10.0)
     got = ramp(s, 100)
     assert got[-1] == pytest.approx(0.3 * (1 - math.exp(-100 / 10)))
+
+
+def test_ramp_end_moves_where_the_cubic_ramp_reaches_the_target():
+    T = 100
+    early = SparsitySchedule(0.5, "cubic", total_steps=T, ramp_end=0.4, stability=False)
+    late = SparsitySchedule(0.5, "cubic", total_steps=T, stability=False)
+    assert early.base(40) == 0.5 and early.base(39) < 0.5
+    assert late.base(75) == 0.5 and late.base(74) < 0.5 and late.base(40) < early.base(40)
+    with pytest.raises(ValueError, match="ramp_end must be in"):
+        SparsitySchedule(0.5, "cubic", total_steps=T, ramp_end=0.0)
