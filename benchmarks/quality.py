@@ -57,12 +57,9 @@ NM_CANDIDATES = [
     ("2:4, fixed groups, Fisher p=1/2", dict(sparsity_pattern="2:4", fisher_power=0.5)),
     ("2:4, changing masks (decay 0.1), Fisher p=1/4", dict(sparsity_pattern="2:4", nm_mode="decay", nm_decay=0.1,
                                                            fisher_power=0.25)),
-    ("2:4, changing masks (decay 0.1), Fisher p=1/2", dict(sparsity_pattern="2:4", nm_mode="decay", nm_decay=0.1,
-                                                           fisher_power=0.5)),
     # the ramp ending at 0.4 T instead of 0.75 T: more steps to recover with the final 2:4 masks
-    ("2:4, fixed groups, Fisher p=1/2, ramp to 0.4T", dict(sparsity_pattern="2:4", fisher_power=0.5, ramp_end=0.4)),
-    ("2:4, changing masks (decay 0.1), Fisher p=1/2, ramp to 0.4T", dict(sparsity_pattern="2:4", nm_mode="decay",
-                                                                         nm_decay=0.1, fisher_power=0.5,
+    ("2:4, changing masks (decay 0.1), Fisher p=1/4, ramp to 0.4T", dict(sparsity_pattern="2:4", nm_mode="decay",
+                                                                         nm_decay=0.1, fisher_power=0.25,
                                                                          ramp_end=0.4)),
 ]
 # distillation's candidates (teacher: the model before pruning), chosen on the 2:4 mode, where
