@@ -118,6 +118,15 @@ def _ranks(key: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
+def settled(flat, n: int, m: int) -> bool:
+    """Whether every group of every prunable weight has exactly N entries pruned."""
+    for b, s in flat.prunable_slots():
+        kept = _grouped(b.mask[s.start : s.start + s.numel], s.shape, s.input_dim, m).sum(dim=1)
+        if not bool((kept == m - n).all()):
+            return False
+    return True
+
+
 def groups_to_prune(ratio: float, n: int, m: int, total: int) -> int:
     """k = floor(R_t / (N/M) * G): the share of groups the schedule asks for."""
     return min(total, int(math.floor(ratio * m * total / n))) if ratio > 0 else 0

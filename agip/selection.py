@@ -63,8 +63,17 @@ class NM:
         self.n, self.m, self.groups = n, m, nm.groups_total(flat, m)
 
     def select(self, backend, flat, plan, ratio: float) -> Decision:
-        masks, theta = nm.select(flat, plan, self.n, self.m, nm.groups_to_prune(ratio, self.n, self.m, self.groups))
+        k = nm.groups_to_prune(ratio, self.n, self.m, self.groups)
+        if self.settled(flat, k):
+            return Decision(theta=0.0)
+        masks, theta = nm.select(flat, plan, self.n, self.m, k)
         return Decision(theta=theta, masks=masks)
+
+    def settled(self, flat, k: int) -> bool:
+        """Whether the step asks for every group and every group has exactly N entries pruned
+        already: then the selection would return the masks as they are (those N come first,
+        at cost 0) and theta = 0, so it is skipped (a quarter of a default run's steps)."""
+        return k >= self.groups and nm.settled(flat, self.n, self.m)
 
 
 class NMDecay(NM):
@@ -80,8 +89,10 @@ class NMDecay(NM):
         self.target, self.decay, self.k_final = target, decay, nm.groups_to_prune(target, n, m, self.groups)
 
     def select(self, backend, flat, plan, ratio: float) -> Decision:
-        masks, theta = nm.select(flat, plan, self.n, self.m, self.k_final)
         hard = ratio >= self.target  # the end of the ramp (the final pruning step snaps R_t to it)
+        if hard and self.settled(flat, self.k_final):
+            return Decision(theta=0.0)
+        masks, theta = nm.select(flat, plan, self.n, self.m, self.k_final)
         return Decision(theta=theta, masks=masks, decay=None if hard else self.decay * ratio / self.target)
 
 

@@ -193,3 +193,34 @@ def test_decay_mode_decays_the_chosen_weights_lets_them_come_back_and_cuts_them_
     else:
         raise AssertionError("the ramp never reached the target")
     assert revived is not None
+
+
+@pytest.mark.parametrize("mode", ["fixed", "decay"])
+def test_a_settled_2_4_model_skips_the_selection_and_changes_nothing(mode, monkeypatch):
+    """Once every group has its N entries pruned and the step asks for all groups, the
+    selection is skipped: the same weights, masks and theta as running it, step by step."""
+    runs = {}
+    for skip in (True, False):
+        if not skip:
+            monkeypatch.setattr(nm, "settled", lambda flat, n, m: False)
+        model, opt = make(nm_mode=mode, total_steps=8)
+        thetas = []
+        for t in range(12):  # the ramp ends at 0.75 * 8 = 6: six settled steps
+            train(model, opt, 1, start=t)
+            thetas.append(opt.sparsity_report()["theta"])
+        runs[skip] = ([p.detach().clone() for p in model.parameters()], thetas)
+    (w1, th1), (w0, th0) = runs[True], runs[False]
+    assert th1 == th0 and all(torch.equal(a, b) for a, b in zip(w1, w0))
+    assert th1[-1] == 0.0
+
+
+def test_settled_needs_exactly_n_pruned_in_every_group():
+    model, opt = make(total_steps=4)
+    assert not nm.settled(opt._flat, 2, 4)
+    train(model, opt, 6)
+    assert nm.settled(opt._flat, 2, 4)
+    b, s = next(iter(opt._flat.prunable_slots()))
+    g = b.mask[s.start : s.start + s.numel].view(s.shape).movedim(s.input_dim, -1)
+    first = g.reshape(-1, 4)[0]
+    first[first.nonzero()[0]] = False  # a third entry pruned in one group: not settled any more
+    assert not nm.settled(opt._flat, 2, 4)
