@@ -257,6 +257,21 @@ class Study:
             if nm_choice:
                 runs.append((f"AGIP 2:4 ({nm_choice['label']}), {tag}, teacher: dense fine-tuned", "agip",
                              {**nm_choice["overrides"], **dist["overrides"], "teacher": DENSE_TEACHER}, 0.5, 0))
+        # the strongest baselines' seeds: SparseGPT + FT in 2:4, PLATON at 50% (unstructured)
+        if 0.5 in targets:
+            if importlib.util.find_spec("llmcompressor") is not None:
+                runs += [("SparseGPT + FT (llmcompressor), 2:4", "sparsegpt", {"sparsity_pattern": "2:4"}, 0.5, s)
+                         for s in (1, 2)]
+            runs += [("PLATON (Ī·Ū, GMP's cubic ramp, masks every step)", "platon", {}, 0.5, s) for s in (1, 2)]
+        # the other baselines with the same distillation (2:4 and 50%): the same helper for every method
+        if dist and 0.5 in targets:
+            taught = [("Wanda + FT", "wanda"), ("PLATON (Ī·Ū, GMP's cubic ramp, masks every step)", "platon"),
+                      ("one-shot magnitude + FT", "magnitude"), ("GMP (cubic, magnitude)", "gmp")]
+            if importlib.util.find_spec("llmcompressor") is not None:
+                runs.append((f"SparseGPT + FT (llmcompressor), 2:4, {tag}", "sparsegpt",
+                             {"sparsity_pattern": "2:4", **dist["overrides"]}, 0.5, 0))
+                taught.insert(1, ("SparseGPT + FT (llmcompressor)", "sparsegpt"))
+            runs += [(f"{name}, {tag}", method, dict(dist["overrides"]), 0.5, 0) for name, method in taught]
         for label, method, ov, target, seed in runs:
             if (self.args.only and not any(label == o if self.args.exact else label.startswith(o)
                                            for o in self.args.only)) or \
@@ -406,11 +421,16 @@ def md(text: str) -> str:
     return text.replace("|", "\\|")  # a label's pipes must not split a table cell
 
 
+def run_overrides(r) -> dict:
+    """The overrides a run was made with, read back from its key (``run_key``'s JSON part)."""
+    _, rest = r["key"].split("|", 1)
+    return json.loads(rest.rsplit("|", 4)[0])
+
+
 def is_default(r, data) -> bool:
+    # the same overrides exactly: a distilled default, or one with another score, is a row of its own
     chosen = data["choices"].get("default")
-    return (chosen is not None and r["method"] == "agip" and "preset" not in r
-            and r.get("sparsity_pattern", "unstructured") == "unstructured"
-            and all(r.get(k) == v for k, v in chosen["overrides"].items()))
+    return chosen is not None and r["method"] == "agip" and run_overrides(r) == chosen["overrides"]
 
 
 def grid_label(r, data):
@@ -421,8 +441,7 @@ def grid_label(r, data):
     if is_default(r, data):
         return f"AGIP default ({data['choices']['default']['label']})"
     nm_choice = data["choices"].get("nm")
-    if nm_choice and r["method"] == "agip" and "preset" not in r and r.get("nm_mode", "fixed") == \
-            nm_choice["overrides"].get("nm_mode", "fixed") and all(r.get(k) == v for k, v in nm_choice["overrides"].items()):
+    if nm_choice and r["method"] == "agip" and run_overrides(r) == nm_choice["overrides"]:
         return f"AGIP 2:4 ({nm_choice['label']})"
     if r["phase"] == "grid" or r["method"] == "adamw":
         return r["label"]

@@ -194,19 +194,19 @@ def test_quality_quick_runs_every_phase_and_resumes(gpt2_dir, corpus_dir, tmp_pa
     data = json.loads((tmp_path / "study-2.json").read_text())
     rows = data["rows"]
     # 4 2:4 candidates (the grid's "default in 2:4" row is one of them, not run twice), 2
-    # distillation candidates, then the grid (with 4 distilled rows)
-    assert len(rows) == 3 + 4 + 4 + 2 + 30 and len({r["key"] for r in rows}) == len(rows)
+    # distillation candidates, then the grid (with 8 distilled rows, PLATON's seeds 1 and 2)
+    assert len(rows) == 3 + 4 + 4 + 2 + 36 and len({r["key"] for r in rows}) == len(rows)
     assert set(data["choices"]) == {"lr", "default", "nm", "distill"}
     # candidates, 2 baselines, 2 seeds; distillation's 2 candidates, 2 baselines, the dense teacher's row
     assert sum(1 for r in rows if r.get("sparsity_pattern") == "2:4") == 4 + 2 + 2 + 2 + 2 + 1
-    assert sum(1 for r in rows if r.get("distill_kl") or r.get("distill_hidden")) == 2 + 4
+    assert sum(1 for r in rows if r.get("distill_kl") or r.get("distill_hidden")) == 2 + 8
     taught = [r for r in rows if r.get("teacher") == "dense-ft"]
     assert len(taught) == 1 and data["teacher"]["dense-ft"]["ppl_test"] > 0
     assert {r.get("nm_mode") for r in rows if r["phase"] == "nm"} == {None, "decay"}
     assert {r["method"] for r in rows} == {"adamw", "gmp", "magnitude", "wanda", "agip", "platon"}
     assert {r["target"] for r in rows} == {0.0, 0.3, 0.5}
     assert all(r["ood_test"] and r["ood_validation"] and r["ppl_validation"] for r in rows)
-    assert sum(1 for r in rows if r["seed"] == 2) == 6  # dense, Wanda, the default at 50% and 30%, v_(t-1), 2:4
+    assert sum(1 for r in rows if r["seed"] == 2) == 7  # dense, Wanda, the default at 50%, 30%, v_(t-1), 2:4, PLATON
     assert (tmp_path / "study-2.md").read_text().count("\n|") >= 25
     assert (tmp_path / "study-2.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "study-2-density.png").read_bytes()[:4] == b"\x89PNG"  # default next to thesis
