@@ -336,9 +336,13 @@ def peak_memory() -> int:
     set size (which includes evaluation and the loaded corpora)."""
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
-    import resource
+    try:  # Linux: this process' own high-water mark (ru_maxrss keeps the parent's across fork + exec)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        import resource
 
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux, bytes on macOS
 
 
 def finetune(cfg: FinetuneConfig, cache: Optional[EvalCache] = None) -> dict:

@@ -29,7 +29,7 @@ import agip  # noqa: E402
 import agip.distill  # noqa: E402
 from agip.data import join, load_corpus  # noqa: E402
 from agip.models import EMBEDDED, load_model  # noqa: E402
-from agip.train import tokenize  # noqa: E402
+from agip.train import peak_memory, tokenize  # noqa: E402
 
 
 def plain_loss(m, x):
@@ -102,7 +102,8 @@ def main(argv=None):
     ap.add_argument("--distill", action="store_true",
                     help="add AGIP with distillation (teacher: a bf16 copy of the start model; KL, KL + SquareHead)")
     ap.add_argument("--memory", action="store_true",
-                    help="also run each configuration alone in a child process (2 steps) and report its peak RSS")
+                    help="also run each configuration alone in a child process (2 steps) and report its peak memory "
+                         "(RSS on the CPU, the allocator's peak on CUDA)")
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # the child of --memory: one configuration
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "bench_train-cpu.json"))
     args = ap.parse_args(argv)
@@ -125,7 +126,7 @@ def main(argv=None):
                 loss = loss_fn(m, x)
             loss.backward()
             opt_step(loss=loss.item())
-        print(json.dumps({"peak_rss_bytes": peak_rss()}))
+        print(json.dumps({"peak_memory_bytes": peak_memory()}))
         return None
     configs = {name: build() for name, build in builders.items()}
     del model
@@ -160,36 +161,32 @@ def main(argv=None):
         print(f"round {rnd + 1}/{args.rounds + 1} done", file=sys.stderr, flush=True)
 
     rows = []
-    memory = {name: child_peak_rss(argv_for(args, name)) for name in configs} if args.memory else {}
+    memory = {name: child_peak_memory(argv_for(args, name)) for name in configs} if args.memory else {}
     base = statistics.median(next(iter(times.values()))["total"])
     for name, t in times.items():
         med = {k: statistics.median(v) for k, v in t.items()}
         rows.append(dict(config=name, fwd_bwd_s=med["fwd_bwd"], opt_step_s=med["opt"], step_s=med["total"],
                          tokens_per_s=tokens / med["total"], tokens_per_s_vs_adamw=base / med["total"],
-                         samples=len(t["total"]), peak_rss_bytes=memory.get(name)))
+                         samples=len(t["total"]), peak_memory_bytes=memory.get(name)))
     print(f"{args.model} on {device}, {torch.get_num_threads()} threads, {tokens} tokens/step, "
           f"{'fp32' if args.fp32 else 'bf16 autocast'}, medians of {rows[0]['samples']} steps")
     header = (f"{'configuration':<58} {'fwd+bwd s':>10} {'opt step s':>11} {'step s':>8} {'tokens/s':>9} {'vs AdamW':>9}"
-              + (f" {'peak RSS GB':>12}" if memory else ""))
+              + (f" {'peak mem GB':>12}" if memory else ""))
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['config']:<58} {r['fwd_bwd_s']:>10.3f} {r['opt_step_s']:>11.3f} {r['step_s']:>8.3f} "
               f"{r['tokens_per_s']:>9.1f} {r['tokens_per_s_vs_adamw']:>9.3f}"
-              + (f" {r['peak_rss_bytes'] / 1e9:>12.2f}" if memory else ""))
+              + (f" {r['peak_memory_bytes'] / 1e9:>12.2f}" if memory else ""))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"model": args.model, "device": str(device), "threads": torch.get_num_threads(),
                    "torch": torch.__version__, "tokens_per_step": tokens, "bf16": not args.fp32,
-                   "rows": rows, "times": times}, f, indent=2)
+                   "rows": rows, "times": times,
+                   # this process held every configuration at once: each child's peak must be below it
+                   "peak_memory_bytes_all": peak_memory() if memory else None}, f, indent=2)
     print(f"wrote {args.out}")
     return rows
-
-
-def peak_rss() -> int:
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
 def argv_for(args, name: str) -> list:
@@ -198,15 +195,15 @@ def argv_for(args, name: str) -> list:
     return out + (["--fp32"] if args.fp32 else []) + (["--distill"] if args.distill else [])
 
 
-def child_peak_rss(argv: list) -> int:
-    """The peak resident set size of a child process that runs one configuration alone: the
+def child_peak_memory(argv: list) -> int:
+    """The peak memory (``agip.train.peak_memory``: its own, not the parent's) of a child process that runs one configuration alone: the
     model, the corpus, the copy under test and its optimizer (and teacher) state."""
     import subprocess
 
     res = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"the memory run of {argv[-1]!r} failed:\n{res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+    return json.loads(res.stdout.strip().splitlines()[-1])["peak_memory_bytes"]
 
 
 if __name__ == "__main__":
