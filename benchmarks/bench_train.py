@@ -128,6 +128,9 @@ def main(argv=None):
             opt_step(loss=loss.item())
         print(json.dumps({"peak_memory_bytes": peak_memory()}))
         return None
+    # each configuration's memory first, while this process holds one model and not all of them
+    # (a child beside this process at its peak would need twice the memory)
+    memory = {name: child_peak_memory(argv_for(args, name)) for name in builders} if args.memory else {}
     configs = {name: build() for name, build in builders.items()}
     del model
     tokens = args.batch_size * args.block_size
@@ -161,7 +164,6 @@ def main(argv=None):
         print(f"round {rnd + 1}/{args.rounds + 1} done", file=sys.stderr, flush=True)
 
     rows = []
-    memory = {name: child_peak_memory(argv_for(args, name)) for name in configs} if args.memory else {}
     base = statistics.median(next(iter(times.values()))["total"])
     for name, t in times.items():
         med = {k: statistics.median(v) for k, v in t.items()}
