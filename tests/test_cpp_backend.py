@@ -1,6 +1,8 @@
 """What only the C++ backend has, against the reference (the cases every fused backend
 shares are in test_backends.py): many 65,536-entry chunks, bf16 buffers, the same results
 with 1 and 2 threads, the threshold window on a ramp and the kept band of candidate keys."""
+import math
+
 import pytest
 import torch
 
@@ -124,3 +126,49 @@ def test_stats_collects_exactly_the_keys_in_the_band(fisher_q):
     # the window's histogram: in-window bins exact, the rest lumped above it
     assert int(sal[hi + 1]) == int(((keys >> 16) > hi).sum())
     assert torch.equal(sal[: hi + 1].long(), torch.bincount(keys[(keys >> 16) <= hi] >> 16, minlength=hi + 1))
+
+
+@pytest.mark.parametrize("moment", ["current", "previous"])
+@pytest.mark.parametrize("fisher_q", [1, 2])
+@pytest.mark.parametrize("theta", [0.0123, 2.0**-110, 0.0, -1.0, 3e38])
+def test_fisher_masks_next_to_theta_match_reference(fisher_q, moment, theta):
+    # the update's own M' = (S > theta), theta given: scores 0-8 ulps either side of theta,
+    # zeros, subnormals, inf and NaN, a tiny, zero, negative and huge theta must give the
+    # reference's mask bit for bit (what any faster way of deciding it must keep)
+    from agip.backends import reference
+
+    def crafted():
+        flat, _ = make_flat("many", pruned=0.2)
+        plan = make_plan(flat, 0.5, regrow=0.3, fisher_q=fisher_q, moment=moment)
+        plan.theta, plan.regrow_theta = theta, 0.5
+        gen = torch.Generator().manual_seed(1)
+        b = flat.buckets[0]
+        P = b.n_prunable
+        w = b.w[:P]
+        w.fill_(1.0)
+        factor = reference.saliency(b, plan).clone()  # |1| * v_t^p: the fp32 factor
+        w.copy_(theta / factor)
+        steps = torch.randint(-8, 9, (P,), generator=gen)
+        for j in range(1, 9):  # nudge w by 0..8 ulps: scores on, above and below theta
+            w.copy_(torch.where(steps >= j, torch.nextafter(w, torch.tensor(math.inf)), w))
+            w.copy_(torch.where(-steps >= j, torch.nextafter(w, torch.tensor(-math.inf)), w))
+        w.mul_(torch.where(torch.rand(P, generator=gen) < 0.5, -1.0, 1.0))
+        odd = [0.0, 1e-40, -1e-40, math.inf, -math.inf, math.nan, 1e-20, 3e38]
+        for i, x in enumerate(odd):  # w odd, then v odd, then both
+            w[i] = x
+            b.v[100 + i] = abs(x) if x == x else x
+            w[200 + i], b.v[200 + i] = x, abs(x)
+        w[~b.mask] = 0.0  # pruned: w = 0 (regrowth decides by |g| > 0.5)
+        return flat, plan
+
+    ref, plan = crafted()
+    other, _ = crafted()
+    s = reference.saliency(ref.buckets[0], plan)
+    if theta == 0.0123:  # the test means something: scores on theta and one ulp either side
+        t = torch.tensor(theta, dtype=torch.float32)
+        for near in (t, torch.nextafter(t, torch.tensor(1.0)), torch.nextafter(t, torch.tensor(0.0))):
+            assert int((s == near).sum()) > 10
+    reference.update(ref, plan)
+    cpp.update(other, plan)
+    for rb, ob in zip(ref.buckets, other.buckets):
+        assert torch.equal(rb.mask, ob.mask)
