@@ -37,6 +37,24 @@ def test_chunked_kl_and_its_gradient_equal_the_direct_formula(chunk, T):
     assert torch.allclose(s.grad.double(), s2.grad, atol=1e-7, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kl_gradient_is_bit_identical_for_every_chunk_size(dtype):
+    # the chunk size is a speed setting (default_chunk_tokens: 32 on the CPU, 1,024 on CUDA):
+    # each row's gradient is computed from that row alone, so training must not change with it
+    g = torch.Generator().manual_seed(3)
+    s = (torch.randn(3, 11, 97, generator=g) * 4).to(dtype).requires_grad_(True)
+    t = (torch.randn(3, 11, 97, generator=g) * 4).to(dtype)
+    grads = []
+    for chunk in (None, 1, 5, 32, 1024):
+        distill.kl_div(s, t, 1.5, chunk).backward()
+        grads.append(s.grad.clone())
+        s.grad = None
+    assert all(torch.equal(grads[0], gr) for gr in grads[1:])
+    assert distill.default_chunk_tokens("cpu") == 32 and distill.default_chunk_tokens("cuda") == 1024
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        distill.kl_div(s, t, 1.0, 0)
+
+
 def test_kl_in_bf16_keeps_the_logits_dtype_and_is_close():
     g = torch.Generator().manual_seed(1)
     s = torch.randn(3, 5, 64, generator=g).to(torch.bfloat16).requires_grad_(True)
