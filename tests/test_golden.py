@@ -6,8 +6,9 @@ the ``reference`` and ``cpp`` backends, for the Taylor score, Fisher p = 1/4 and
 Each theta is compared as a float's hex and the final weights and masks as sha256 of
 their bytes, against ``tests/golden.json``.
 
-The figures are recorded per machine kind (CPU model and torch version; one thread): a
-different CPU or torch may round the model's matrix products differently, so a machine
+The figures are recorded per machine kind (CPU model, vector instructions and torch
+version; one thread): a different CPU or torch may round the model's matrix products
+differently, so a machine
 kind with no record skips, saying so. Record one only from a commit before a refactor
 (``AGIP_GOLDEN_RECORD=1 python -m pytest tests/test_golden.py``); a refactor must pass
 against the file it found.
@@ -33,12 +34,26 @@ RUNS = {
 
 
 def machine() -> str:
-    """The machine kind the figures belong to: CPU model, architecture, torch version."""
+    """The machine kind the figures belong to: CPU model, architecture, the widest vector
+    instructions it has, torch version."""
     model = platform.processor() or "?"
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    return f"{model} | {platform.machine()} | torch {torch.__version__}"
+    return f"{model} | {platform.machine()} | {vector_isa()} | torch {torch.__version__}"
+
+
+def vector_isa() -> str:
+    """The widest of AMX, AVX-512 with bf16, AVX-512, AVX2 that the CPU reports: oneDNN and
+    MKL choose their kernels, and so how a matrix product rounds, by it, and one model name
+    covers several: a Zen 5 "AMD EPYC" (AVX-512 with bf16) ran this file's runs to other
+    figures than the "AMD EPYC" first recorded (AVX2, inferred from its bf16 autocast at
+    minutes a step: a CPU with avx512_bf16 runs it at seconds)."""
+    flags = set()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), []))
+    return next((isa for isa in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if isa in flags), "other")
 
 
 def digest(tensors) -> str:
