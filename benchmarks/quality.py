@@ -391,27 +391,57 @@ def write_outputs(data, out, steps):
         lines.append(f"| {md(label)} | {target:.1f} | {len(rs)} | {mean:.3f} | " + (f"{ood_mean:.3f} |" if ood else ""))
     with open(os.path.join(out, f"study-{steps}.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
-    fig, axes = plt.subplots(1, 2 if ood else 1, figsize=(12 if ood else 7, 4.5), squeeze=False)
-    for ax, key, title in zip(axes[0], ("ppl_test", "ood_test"), ("wiki-mini test", f"{ood} test (out of domain)")):
-        by_label = {}
-        for r in rows:
-            label = grid_label(r, data)
-            if label and r["method"] != "adamw":
-                by_label.setdefault(label, {}).setdefault(r["target"], []).append(r[key])
-        dense = [r[key] for r in rows if r["method"] == "adamw" and r["lr"] == data["choices"].get("lr")]
-        if dense:
-            ax.axhline(sum(dense) / len(dense), color="black", ls="--", label="dense fine-tuning")
-        for label, pts in by_label.items():
+    keys = [("ppl_test", "wiki-mini test")] + ([("ood_test", f"{ood} test (out of domain)")] if ood else [])
+    dense = {key: [r[key] for r in rows if r["method"] == "adamw" and r["lr"] == data["choices"].get("lr")]
+             for key, _ in keys}
+    means = {}  # label -> target -> key -> values over seeds
+    for r in rows:
+        label = grid_label(r, data)
+        if label and r["method"] != "adamw":
+            for key, _ in keys:
+                means.setdefault(label, {}).setdefault(r["target"], {}).setdefault(key, []).append(r[key])
+    # perplexity against sparsity: the unstructured methods without a teacher (the 2:4 and the
+    # distilled rows are points at one target: the bar chart below shows them)
+    lines_of = {lb: pts for lb, pts in means.items() if "2:4" not in lb and "distilled" not in lb}
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys) + 3, 4.5), squeeze=False)
+    for ax, (key, title) in zip(axes[0], keys):
+        if dense[key]:
+            ax.axhline(sum(dense[key]) / len(dense[key]), color="black", ls="--", label="dense fine-tuning")
+        for i, (label, pts) in enumerate(lines_of.items()):
             xs = sorted(pts)
-            ax.plot([100 * x for x in xs], [sum(pts[x]) / len(pts[x]) for x in xs], "o-", label=label)
+            ax.plot([100 * x for x in xs], [sum(pts[x][key]) / len(pts[x][key]) for x in xs], "o-", label=label,
+                    color=plt.cm.tab20(i % 20))
         ax.set_xlabel("sparsity of the prunable weights (%)")
         ax.set_ylabel("perplexity (mean over seeds)")
         ax.set_yscale("log")
         ax.set_title(title)
-        ax.legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
     fig.savefig(os.path.join(out, f"study-{steps}.png"), dpi=110)
     plt.close(fig)
+    # every method at the largest target, unstructured and 2:4, with and without a teacher
+    top = max((t for pts in means.values() for t in pts), default=None)
+    bars = sorted(((lb, pts[top]) for lb, pts in means.items() if top in pts),
+                  key=lambda kv: sum(kv[1]["ppl_test"]) / len(kv[1]["ppl_test"]))
+    if bars:
+        fig, ax = plt.subplots(figsize=(13, 0.32 * len(bars) + 1.5))
+        height = 0.8 / len(keys)
+        for j, (key, title) in enumerate(keys):
+            ys = [i + j * height for i in range(len(bars))]
+            ax.barh(ys, [sum(v[key]) / len(v[key]) for _, v in bars], height=height, label=title)
+            if dense[key]:
+                ax.axvline(sum(dense[key]) / len(dense[key]), color=f"C{j}", ls="--", lw=1,
+                           label=f"dense fine-tuning ({title})")
+        ax.set_yticks([i + 0.4 - height / 2 for i in range(len(bars))],
+                      [f"{lb} ({len(v['ppl_test'])} seed{'s' if len(v['ppl_test']) > 1 else ''})" for lb, v in bars],
+                      fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel(f"perplexity at {100 * top:.0f}% of the prunable weights (mean over seeds; lower is better)")
+        ax.legend(fontsize=7, loc="upper right")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, f"study-{steps}-bars.png"), dpi=110, bbox_inches="tight")
+        plt.close(fig)
     write_density(data, out, steps, plt)
     print("\n".join(lines))
     print(f"wrote {out}/study-{steps}.json, .md, .png")

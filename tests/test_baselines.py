@@ -210,6 +210,7 @@ def test_quality_quick_runs_every_phase_and_resumes(gpt2_dir, corpus_dir, tmp_pa
     assert (tmp_path / "study-2.md").read_text().count("\n|") >= 25
     assert (tmp_path / "study-2.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "study-2-density.png").read_bytes()[:4] == b"\x89PNG"  # default next to thesis
+    assert (tmp_path / "study-2-bars.png").read_bytes()[:4] == b"\x89PNG"  # every method at the largest target
     leftovers = [p for run in (tmp_path / "runs").iterdir() for p in os.listdir(run) if "checkpoint" in p]
     assert not leftovers  # checkpoints (links and versions) are removed after each run
 
