@@ -13,6 +13,7 @@ kind with no record skips, saying so. Record one only from a commit before a ref
 (``AGIP_GOLDEN_RECORD=1 python -m pytest tests/test_golden.py``); a refactor must pass
 against the file it found.
 """
+import functools
 import hashlib
 import json
 import os
@@ -36,10 +37,7 @@ RUNS = {
 def machine() -> str:
     """The machine kind the figures belong to: CPU model, architecture, the widest vector
     instructions it has, torch version."""
-    model = platform.processor() or "?"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    model = cpuinfo().get("model name") or platform.processor() or "?"
     return f"{model} | {platform.machine()} | {vector_isa()} | torch {torch.__version__}"
 
 
@@ -49,11 +47,23 @@ def vector_isa() -> str:
     covers several: a Zen 5 "AMD EPYC" (AVX-512 with bf16) ran this file's runs to other
     figures than the "AMD EPYC" first recorded (AVX2, inferred from its bf16 autocast at
     minutes a step: a CPU with avx512_bf16 runs it at seconds)."""
-    flags = set()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            flags = set(next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), []))
+    flags = set(cpuinfo().get("flags", "").split())
     return next((isa for isa in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if isa in flags), "other")
+
+
+@functools.lru_cache(maxsize=None)
+def cpuinfo() -> dict:
+    """The first CPU's fields in ``/proc/cpuinfo`` (empty where there is none)."""
+    if not os.path.exists("/proc/cpuinfo"):
+        return {}
+    fields = {}
+    with open("/proc/cpuinfo") as f:
+        for ln in f:
+            if not ln.strip():
+                break  # the end of the first CPU's block
+            key, _, value = ln.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    return fields
 
 
 def digest(tensors) -> str:
