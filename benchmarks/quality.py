@@ -375,6 +375,9 @@ def write_outputs(data, out, steps):
                      + f"{f(r['ppl_validation'])} | " + (f"{f(r['ood_validation'])} | " if ood else "")
                      + f"{f(r['ppl_pruned'])} | {100 * r['sparsity_prunable']:.1f}% / {100 * r['sparsity_all']:.1f}% | "
                      f"{r['wall_s']:.0f} | {r['tokens_per_s']:.0f} |")
+    def mean(rs, key):
+        return sum(r[key] for r in rs) / len(rs)
+
     # means over seeds of the grid rows (with the lr and select runs that are grid runs too)
     groups = {}
     for r in rows:
@@ -386,30 +389,26 @@ def write_outputs(data, out, steps):
     for (label, target, lr), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         if lr != data["choices"].get("lr"):
             continue
-        mean = sum(r["ppl_test"] for r in rs) / len(rs)
-        ood_mean = sum(r["ood_test"] for r in rs) / len(rs) if ood else None
-        lines.append(f"| {md(label)} | {target:.1f} | {len(rs)} | {mean:.3f} | " + (f"{ood_mean:.3f} |" if ood else ""))
+        lines.append(f"| {md(label)} | {target:.1f} | {len(rs)} | {mean(rs, 'ppl_test'):.3f} | "
+                     + (f"{mean(rs, 'ood_test'):.3f} |" if ood else ""))
     with open(os.path.join(out, f"study-{steps}.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
     keys = [("ppl_test", "wiki-mini test")] + ([("ood_test", f"{ood} test (out of domain)")] if ood else [])
-    dense = {key: [r[key] for r in rows if r["method"] == "adamw" and r["lr"] == data["choices"].get("lr")]
-             for key, _ in keys}
-    means = {}  # label -> target -> key -> values over seeds
-    for r in rows:
-        label = grid_label(r, data)
-        if label and r["method"] != "adamw":
-            for key, _ in keys:
-                means.setdefault(label, {}).setdefault(r["target"], {}).setdefault(key, []).append(r[key])
+    dense = [r for r in rows if r["method"] == "adamw" and r["lr"] == data["choices"].get("lr")]
+    by_label = {}  # the grid groups above, dense fine-tuning apart: label -> target -> runs
+    for (label, target, _), rs in groups.items():
+        if rs[0]["method"] != "adamw":
+            by_label.setdefault(label, {})[target] = rs
     # perplexity against sparsity: the unstructured methods without a teacher (the 2:4 and the
     # distilled rows are points at one target: the bar chart below shows them)
-    lines_of = {lb: pts for lb, pts in means.items() if "2:4" not in lb and "distilled" not in lb}
+    lines_of = {lb: pts for lb, pts in by_label.items() if "2:4" not in lb and "distilled" not in lb}
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys) + 3, 4.5), squeeze=False)
     for ax, (key, title) in zip(axes[0], keys):
-        if dense[key]:
-            ax.axhline(sum(dense[key]) / len(dense[key]), color="black", ls="--", label="dense fine-tuning")
+        if dense:
+            ax.axhline(mean(dense, key), color="black", ls="--", label="dense fine-tuning")
         for i, (label, pts) in enumerate(lines_of.items()):
             xs = sorted(pts)
-            ax.plot([100 * x for x in xs], [sum(pts[x][key]) / len(pts[x][key]) for x in xs], "o-", label=label,
+            ax.plot([100 * x for x in xs], [mean(pts[x], key) for x in xs], "o-", label=label,
                     color=plt.cm.tab20(i % 20))
         ax.set_xlabel("sparsity of the prunable weights (%)")
         ax.set_ylabel("perplexity (mean over seeds)")
@@ -420,20 +419,19 @@ def write_outputs(data, out, steps):
     fig.savefig(os.path.join(out, f"study-{steps}.png"), dpi=110)
     plt.close(fig)
     # every method at the largest target, unstructured and 2:4, with and without a teacher
-    top = max((t for pts in means.values() for t in pts), default=None)
-    bars = sorted(((lb, pts[top]) for lb, pts in means.items() if top in pts),
-                  key=lambda kv: sum(kv[1]["ppl_test"]) / len(kv[1]["ppl_test"]))
+    top = max((t for pts in by_label.values() for t in pts), default=None)
+    bars = sorted(((lb, pts[top]) for lb, pts in by_label.items() if top in pts), key=lambda kv: mean(kv[1], "ppl_test"))
     if bars:
         fig, ax = plt.subplots(figsize=(13, 0.32 * len(bars) + 1.5))
         height = 0.8 / len(keys)
         for j, (key, title) in enumerate(keys):
             ys = [i + j * height for i in range(len(bars))]
-            ax.barh(ys, [sum(v[key]) / len(v[key]) for _, v in bars], height=height, label=title)
-            if dense[key]:
-                ax.axvline(sum(dense[key]) / len(dense[key]), color=f"C{j}", ls="--", lw=1,
+            ax.barh(ys, [mean(rs, key) for _, rs in bars], height=height, label=title)
+            if dense:
+                ax.axvline(mean(dense, key), color=f"C{j}", ls="--", lw=1,
                            label=f"dense fine-tuning ({title})")
         ax.set_yticks([i + 0.4 - height / 2 for i in range(len(bars))],
-                      [f"{lb} ({len(v['ppl_test'])} seed{'s' if len(v['ppl_test']) > 1 else ''})" for lb, v in bars],
+                      [f"{lb} ({len(rs)} seed{'s' if len(rs) > 1 else ''})" for lb, rs in bars],
                       fontsize=7)
         ax.invert_yaxis()
         ax.set_xscale("log")
