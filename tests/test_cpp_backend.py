@@ -130,11 +130,13 @@ def test_stats_collects_exactly_the_keys_in_the_band(fisher_q):
 
 @pytest.mark.parametrize("moment", ["current", "previous"])
 @pytest.mark.parametrize("fisher_q", [1, 2])
-@pytest.mark.parametrize("theta", [0.0123, 2.0**-110, 0.0, -1.0, 3e38])
+@pytest.mark.parametrize("theta", [0.0123, 2.0**-90, 2.0**90, 2.0**-110, 0.0, -1.0, 3e38])
 def test_fisher_masks_next_to_theta_match_reference(fisher_q, moment, theta):
     # the update's own M' = (S > theta), theta given: scores 0-8 ulps either side of theta,
-    # zeros, subnormals, inf and NaN, a tiny, zero, negative and huge theta must give the
-    # reference's mask bit for bit (what any faster way of deciding it must keep)
+    # a third 2^-8..2^-23 away, zeros, subnormals, inf and NaN, a tiny, zero, negative and
+    # huge theta must give the reference's mask bit for bit (what any faster way of
+    # deciding it must keep; a decision without square roots, tried, passed it with a
+    # margin of 2^-16 around theta^4 and failed it with 2^-30: README "On a CPU without AVX-512")
     from agip.backends import reference
 
     def crafted():
@@ -152,6 +154,10 @@ def test_fisher_masks_next_to_theta_match_reference(fisher_q, moment, theta):
         for j in range(1, 9):  # nudge w by 0..8 ulps: scores on, above and below theta
             w.copy_(torch.where(steps >= j, torch.nextafter(w, torch.tensor(math.inf)), w))
             w.copy_(torch.where(-steps >= j, torch.nextafter(w, torch.tensor(-math.inf)), w))
+        # a third moved 2^-8..2^-23 (relative) away: either side of such a margin
+        far = torch.rand(P, generator=gen) < 1 / 3
+        rel = torch.exp2(-8.0 - 15.0 * torch.rand(P, generator=gen)) * torch.where(steps > 0, 1.0, -1.0)
+        w.copy_(torch.where(far, w * (1.0 + rel), w))
         w.mul_(torch.where(torch.rand(P, generator=gen) < 0.5, -1.0, 1.0))
         odd = [0.0, 1e-40, -1e-40, math.inf, -math.inf, math.nan, 1e-20, 3e38]
         for i, x in enumerate(odd):  # w odd, then v odd, then both
