@@ -10,6 +10,13 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
+# The checkout's root off sys.path (`python -m pytest` puts it first): its top-level kernels/
+# folder would shadow the PyPI package `kernels`, which transformers (>= 5.25 depends on it)
+# imports; this checkout's agip comes from benchmarks/_checkout.py instead.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import _checkout  # noqa: E402, F401
 # Tests never reach a model hub (read by huggingface_hub when it is first imported).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Without a GPU the Triton kernels run in triton's interpreter, which must be chosen

@@ -9,7 +9,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# this checkout's agip, its root off sys.path (tests/conftest.py says why)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import _checkout  # noqa: E402, F401
 
 import agip  # noqa: E402
 import agip.hf  # noqa: E402

@@ -20,7 +20,9 @@ RUNS = ["fsdp:cpp:fisher:resume:full", "fsdp:reference:taylor", "ddp:reference:f
 def torchrun(*args, timeout=240):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    # cwd tests/: `-m agip.cli` puts the working folder on sys.path, and the checkout's root
+    # there would shadow the PyPI package `kernels` (tests/conftest.py)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
 
