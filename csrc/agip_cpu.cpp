@@ -13,6 +13,7 @@
 #include "agip_math.h"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -24,7 +25,6 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
-#include <array>
 
 namespace {
 
@@ -120,8 +120,7 @@ constexpr std::array<std::array<int32_t, 8>, 256> compress_lanes() {
   for (int m = 0; m < 256; ++m) {
     int n = 0;
     for (int l = 0; l < 8; ++l)
-      if (m >> l & 1) t[m][n++] = l;
-    for (; n < 8; ++n) t[m][n] = 0;
+      if (m >> l & 1) t[m][n++] = l;  // the lanes after them stay 0 (t{})
   }
   return t;
 }
