@@ -70,6 +70,9 @@ def _add_finetune(sub):
     p.add_argument("--no-stability", dest="stability", action="store_false", help="ramp sparsity regardless of the loss")
     p.add_argument("--backend", default=d.backend, choices=("auto",) + BACKENDS)
     p.add_argument("--fp32", dest="bf16", action="store_false", help="no bf16 autocast")
+    p.add_argument("--bf16-matmul", default=d.bf16_matmul, choices=("auto", "native", "emulated"),
+                   help="bf16 autocast's matrix products: 'auto' emulates them in fp32 (bf16-rounded operands and "
+                        "results) on a CPU without bf16 units, where native ones take minutes a step")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--eval-split", default=d.eval_split, choices=("validation", "test"))
     p.add_argument("--eval-seq-len", type=int, default=d.eval_seq_len, help="L (default min(1024, context))")

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from . import backends, checkpoint, launch, methods
+from . import backends, checkpoint, launch, methods, precision
 from .config import PRESETS, Config
 from .data import EVAL_ONLY, check_corpus_name, join, load_corpus
 from .evaluate import perplexity
@@ -58,6 +58,7 @@ class FinetuneConfig:
     stability: Optional[bool] = None
     backend: str = "auto"
     bf16: bool = True  # autocast forward/backward in bf16; parameters and optimizer stay fp32
+    bf16_matmul: str = "auto"  # "auto": emulate bf16 products on a CPU without bf16 units (agip/precision.py)
     seed: int = 0
     eval_split: str = "test"
     eval_seq_len: Optional[int] = None  # L; default min(1024, model context)
@@ -109,6 +110,8 @@ class FinetuneConfig:
              "them with DDP (torchrun without --fsdp) or in one process")
         need(self.backend in backends.BACKENDS + ("auto",),
              f"--backend must be 'auto' or one of {backends.BACKENDS}, got {self.backend!r}")
+        need(self.bf16_matmul in precision.MODES, f"--bf16-matmul must be one of {precision.MODES}, got "
+             f"{self.bf16_matmul!r}")
         need(self.export_dtype in ("fp32", "bf16", "fp16"), f"--export-dtype must be fp32, bf16 or fp16, got "
              f"{self.export_dtype!r}")
         need(all(w >= 0 for w in (self.distill_ce, self.distill_kl, self.distill_hidden)) and
@@ -312,7 +315,7 @@ def export_run(cfg: FinetuneConfig, ckpt: str) -> Optional[dict]:
 
 
 def build_report(cfg: FinetuneConfig, run: RunState, final: dict, after: dict, tokens_per_step: int, backend: str,
-                 ckpt: str) -> dict:
+                 ckpt: str, device: torch.device) -> dict:
     """The run's report (``report.json``; agip/report.py draws and writes it)."""
     return {
         "config": dataclasses.asdict(cfg),
@@ -328,6 +331,7 @@ def build_report(cfg: FinetuneConfig, run: RunState, final: dict, after: dict, t
         "tokens_per_s": tokens_per_step * len(run.history) / max(run.train_seconds, 1e-9),
         "train_tokens": tokens_per_step * cfg.steps, "backend": backend, "history": run.history, "checkpoint": ckpt,
         "peak_memory_bytes": peak_memory(),
+        "bf16_products": precision.resolve(cfg.bf16_matmul, device) if cfg.bf16 else None,
     }
 
 
@@ -413,7 +417,7 @@ def finetune(cfg: FinetuneConfig, cache: Optional[EvalCache] = None) -> dict:
             t0 = time.perf_counter()
             for micro in range(cfg.grad_accum):
                 x = batches(step, micro)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                with precision.autocast(device, cfg.bf16, cfg.bf16_matmul):  # emulated products if no bf16 unit
                     loss = loss_fn(train_model, x) if loss_fn else train_model(x, labels=x).loss
                 (loss / cfg.grad_accum).backward()
                 opt.record_loss(loss)  # E_t: the mean of the micro-batch losses, over ranks (§0, §6)
@@ -433,7 +437,7 @@ def finetune(cfg: FinetuneConfig, cache: Optional[EvalCache] = None) -> dict:
         after = ev.after()
         ckpt = save_run(cfg, run, model, tok, opt, sched, world)
         report = build_report(cfg, run, opt.sparsity_report(), after, tokens_per_step,
-                              opt.backend.__name__.rsplit(".", 1)[-1], ckpt)
+                              opt.backend.__name__.rsplit(".", 1)[-1], ckpt, device)
         report["export"] = export_run(cfg, ckpt) if rank == 0 else None
         if rank == 0:
             write_report(report, cfg.out)

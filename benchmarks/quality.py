@@ -30,11 +30,14 @@ import importlib.util
 import json
 import math
 import os
+import platform
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import _checkout  # noqa: E402,F401  (this checkout's agip, its root off sys.path)
+
+import torch  # noqa: E402
 
 from agip import checkpoint  # noqa: E402
 from agip.train import EvalCache, FinetuneConfig, finetune  # noqa: E402
@@ -71,6 +74,15 @@ DISTILL_CANDIDATES = [
 ]
 PHASES = ("lr", "select", "nm", "distill", "grid")
 DENSE_TEACHER = "dense-ft"  # a row's teacher: the study's dense fine-tuned model (one dense run, kept)
+
+
+def cpu_name() -> str:
+    """The CPU a row ran on (model name, torch's vector level): bf16 rounds differently across CPUs."""
+    model = platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def run_key(method, overrides, target, seed, lr, steps):
@@ -123,7 +135,8 @@ class Study:
                "layer_density": rep["layer_density"], "wall_s": time.time() - t0,
                "tokens_per_s": rep["tokens_per_s"], "scored_tokens": rep["ppl_after"]["scored_tokens"],
                "ood_scored_tokens": rep["ood_after"]["scored_tokens"] if rep["ood_after"] else None,
-               "seq_len": rep["ppl_after"]["seq_len"]}
+               "seq_len": rep["ppl_after"]["seq_len"], "bf16_products": rep.get("bf16_products"),
+               "cpu": cpu_name()}
         self.data["rows"].append(row)
         self.done[key] = row
         self.save()
@@ -144,7 +157,8 @@ class Study:
             rep = finetune(FinetuneConfig(**{**self.common, "method": "adamw", "target_sparsity": 0.0, "seed": 0,
                                              "lr": lr, "out": out}), cache=self.cache)
             self.data.setdefault("teacher", {})["dense-ft"] = {"path": path, "wall_s": time.time() - t0,
-                                                              "ppl_test": rep["ppl_after"]["ppl"]}
+                                                              "ppl_test": rep["ppl_after"]["ppl"],
+                                                              "bf16_products": rep.get("bf16_products"), "cpu": cpu_name()}
             self.save()
         return path
 
