@@ -27,6 +27,7 @@ import _checkout  # noqa: E402,F401  (this checkout's agip, its root off sys.pat
 
 import agip  # noqa: E402
 import agip.distill  # noqa: E402
+from agip import precision  # noqa: E402
 from agip.data import join, load_corpus  # noqa: E402
 from agip.models import EMBEDDED, load_model  # noqa: E402
 from agip.train import peak_memory, tokenize  # noqa: E402
@@ -99,6 +100,9 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    ap.add_argument("--bf16-matmul", default="auto", choices=precision.MODES,
+                    help="bf16 autocast's products, as agip finetune's flag: 'auto' emulates them on a CPU without "
+                         "bf16 units")
     ap.add_argument("--distill", action="store_true",
                     help="add AGIP with distillation (teacher: a bf16 copy of the start model; KL, KL + SquareHead)")
     ap.add_argument("--memory", action="store_true",
@@ -122,7 +126,7 @@ def main(argv=None):
         del model
         for i in range(args.steps):
             x = blocks[[(i * args.batch_size + j) % n_blocks for j in range(args.batch_size)]].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not args.fp32):
+            with precision.autocast(device, not args.fp32, args.bf16_matmul):
                 loss = loss_fn(m, x)
             loss.backward()
             opt_step(loss=loss.item())
@@ -148,7 +152,7 @@ def main(argv=None):
             for name, (m, opt_step, loss_fn) in configs.items():
                 sync()
                 t0 = time.perf_counter()
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not args.fp32):
+                with precision.autocast(device, not args.fp32, args.bf16_matmul):
                     loss = loss_fn(m, x)
                 loss.backward()
                 E = loss.item()
@@ -170,8 +174,9 @@ def main(argv=None):
         rows.append(dict(config=name, fwd_bwd_s=med["fwd_bwd"], opt_step_s=med["opt"], step_s=med["total"],
                          tokens_per_s=tokens / med["total"], tokens_per_s_vs_adamw=base / med["total"],
                          samples=len(t["total"]), peak_memory_bytes=memory.get(name)))
+    products = None if args.fp32 else precision.resolve(args.bf16_matmul, device)
     print(f"{args.model} on {device}, {torch.get_num_threads()} threads, {tokens} tokens/step, "
-          f"{'fp32' if args.fp32 else 'bf16 autocast'}, medians of {rows[0]['samples']} steps")
+          f"{'fp32' if args.fp32 else f'bf16 autocast ({products} products)'}, medians of {rows[0]['samples']} steps")
     header = (f"{'configuration':<58} {'fwd+bwd s':>10} {'opt step s':>11} {'step s':>8} {'tokens/s':>9} {'vs AdamW':>9}"
               + (f" {'peak mem GB':>12}" if memory else ""))
     print(header)
@@ -183,7 +188,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"model": args.model, "device": str(device), "threads": torch.get_num_threads(),
-                   "torch": torch.__version__, "tokens_per_step": tokens, "bf16": not args.fp32,
+                   "torch": torch.__version__, "tokens_per_step": tokens, "bf16": not args.fp32, "bf16_products": products,
                    "rows": rows, "times": times,
                    # this process held every configuration at once: each child's peak must be below it
                    "peak_memory_bytes_all": peak_memory() if memory else None}, f, indent=2)
@@ -194,7 +199,8 @@ def main(argv=None):
 def argv_for(args, name: str) -> list:
     out = ["--model", args.model, "--dataset", args.dataset, "--backend", args.backend, "--steps", "2",
            "--batch-size", str(args.batch_size), "--block-size", str(args.block_size), "--only", name]
-    return out + (["--fp32"] if args.fp32 else []) + (["--distill"] if args.distill else [])
+    return out + (["--fp32"] if args.fp32 else []) + (["--distill"] if args.distill else []) + \
+        ["--bf16-matmul", args.bf16_matmul]
 
 
 def child_peak_memory(argv: list) -> int:

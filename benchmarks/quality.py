@@ -67,10 +67,10 @@ NM_CANDIDATES = [
 ]
 # distillation's candidates (teacher: the model before pruning), chosen on the 2:4 mode, where
 # the gap to dense is largest; then given to the baselines and the default alike in the grid
-# (SquareHead alone, dict(distill_hidden=1.0), is a third candidate not run yet: time)
 DISTILL_CANDIDATES = [
     ("KL, T=1", dict(distill_kl=1.0)),
     ("KL + SquareHead", dict(distill_kl=1.0, distill_hidden=1.0)),
+    ("SquareHead", dict(distill_hidden=1.0)),
 ]
 PHASES = ("lr", "select", "nm", "distill", "grid")
 DENSE_TEACHER = "dense-ft"  # a row's teacher: the study's dense fine-tuned model (one dense run, kept)

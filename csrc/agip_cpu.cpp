@@ -160,6 +160,43 @@ inline int64_t compact_keys(const uint32_t* keys, int64_t len, uint32_t* out) {
   return n;
 }
 
+// Moves the keys whose first digit (key >> 16) lies in [lo, hi] to the front of out (room
+// for n), keeping their order; returns how many. Vectorized as compact_keys (the band of a
+// tile's kept keys: a scalar loop whose write index depends on the last key); in [lo, hi]
+// as one unsigned compare, (b - lo) <= (hi - lo).
+inline int64_t compact_band(const uint32_t* keys, int64_t n, uint32_t lo, uint32_t hi, uint32_t* out) {
+  int64_t nb = 0, j = 0;
+  if (lo > hi) return 0;  // an empty band (hi - lo would wrap)
+#ifdef __AVX512F__
+  const __m512i vlo = _mm512_set1_epi32(static_cast<int32_t>(lo));
+  const __m512i span = _mm512_set1_epi32(static_cast<int32_t>(hi - lo));
+  for (; j + 16 <= n; j += 16) {
+    const __m512i k = _mm512_loadu_si512(keys + j);
+    const __mmask16 in = _mm512_cmple_epu32_mask(_mm512_sub_epi32(_mm512_srli_epi32(k, 16), vlo), span);
+    _mm512_storeu_si512(out + nb, _mm512_maskz_compress_epi32(in, k));
+    nb += __builtin_popcount(in);
+  }
+#elif defined(__AVX2__)
+  const __m256i vlo = _mm256_set1_epi32(static_cast<int32_t>(lo));
+  const __m256i span = _mm256_set1_epi32(static_cast<int32_t>(hi - lo));
+  for (; j + 8 <= n; j += 8) {
+    const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j));
+    const __m256i d = _mm256_sub_epi32(_mm256_srli_epi32(k, 16), vlo);
+    const __m256i in_v = _mm256_cmpeq_epi32(_mm256_min_epu32(d, span), d);  // d <= span, unsigned
+    const int in = _mm256_movemask_ps(_mm256_castsi256_ps(in_v));
+    const __m256i lanes = _mm256_load_si256(reinterpret_cast<const __m256i*>(COMPRESS_LANES[in].data()));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + nb), _mm256_permutevar8x32_epi32(k, lanes));
+    nb += __builtin_popcount(in);
+  }
+#endif
+  for (; j < n; ++j) {
+    const uint32_t b = keys[j] >> 16;
+    out[nb] = keys[j];
+    nb += b >= lo && b <= hi;
+  }
+  return nb;
+}
+
 // Pass B's tile: low-digit bins of the counted values whose top 16 bits equal prefix
 // (SKIP_KEY for the others).
 template <bool SALIENCY, int SCORE, bool HAS_EMA, typename T>
@@ -288,12 +325,7 @@ struct Candidates {
   // adds the keys of kept[0, n) in the band; band[] has room for n
   void add(const uint32_t* kept, int64_t n, uint32_t* band) {
     if (keys == nullptr || n == 0 || overflow.load(std::memory_order_relaxed)) return;
-    int64_t nb = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      const uint32_t b = kept[j] >> 16;
-      band[nb] = kept[j];
-      nb += b >= lo && b <= hi;
-    }
+    const int64_t nb = compact_band(kept, n, lo, hi, band);
     if (nb == 0) return;
     const int64_t at = size.fetch_add(nb, std::memory_order_relaxed);
     if (at + nb > capacity) overflow.store(true, std::memory_order_relaxed);
