@@ -84,3 +84,15 @@ def test_modes_are_checked():
         precision.resolve("emulated", "cuda")
     with pytest.raises(ValueError, match="--bf16-matmul"):
         FinetuneConfig(bf16_matmul="fast").check()
+
+
+def test_the_mode_around_torch_autocast_is_the_harness_autocast():
+    """What the README gives Trainer users (the mode around another library's autocast)
+    computes what ``precision.autocast(..., "emulated")`` does, bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(12, 20, generator=g), torch.randn(6, 20, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16), precision.EmulatedBF16Products():
+        a = F.linear(x, w)
+    with precision.autocast("cpu", True, "emulated"):
+        b = F.linear(x, w)
+    assert a.dtype == torch.bfloat16 and torch.equal(a, b)
