@@ -11,6 +11,7 @@ import torch
 
 import agip
 from agip import baselines
+import quality  # benchmarks/quality.py (conftest puts benchmarks/ on the path)
 from conftest import TinyLM, batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,13 +194,14 @@ def test_quality_quick_runs_every_phase_and_resumes(gpt2_dir, corpus_dir, tmp_pa
     assert res.stdout.count("[lr]") == 0 and res.stdout.count("[select]") == 0  # recorded runs are not redone
     data = json.loads((tmp_path / "study-2.json").read_text())
     rows = data["rows"]
-    # 4 2:4 candidates (the grid's "default in 2:4" row is one of them, not run twice), 2
+    # 4 2:4 candidates (the grid's "default in 2:4" row is one of them, not run twice), 3
     # distillation candidates, then the grid (with 8 distilled rows, PLATON's seeds 1 and 2)
-    assert len(rows) == 3 + 4 + 4 + 2 + 36 and len({r["key"] for r in rows}) == len(rows)
+    assert len(rows) == 3 + 4 + 4 + len(quality.DISTILL_CANDIDATES) + 36 and len({r["key"] for r in rows}) == len(rows)
     assert set(data["choices"]) == {"lr", "default", "nm", "distill"}
-    # candidates, 2 baselines, 2 seeds; distillation's 2 candidates, 2 baselines, the dense teacher's row
-    assert sum(1 for r in rows if r.get("sparsity_pattern") == "2:4") == 4 + 2 + 2 + 2 + 2 + 1
-    assert sum(1 for r in rows if r.get("distill_kl") or r.get("distill_hidden")) == 2 + 8
+    # candidates, 2 baselines, 2 seeds; distillation's 3 candidates, 2 baselines, the dense teacher's row
+    n_distill = len(quality.DISTILL_CANDIDATES)
+    assert sum(1 for r in rows if r.get("sparsity_pattern") == "2:4") == 4 + 2 + 2 + n_distill + 2 + 1
+    assert sum(1 for r in rows if r.get("distill_kl") or r.get("distill_hidden")) == n_distill + 8
     taught = [r for r in rows if r.get("teacher") == "dense-ft"]
     assert len(taught) == 1 and data["teacher"]["dense-ft"]["ppl_test"] > 0
     assert {r.get("nm_mode") for r in rows if r["phase"] == "nm"} == {None, "decay"}
