@@ -17,6 +17,9 @@ bf16, attention); only the products below are intercepted, and only where autoca
 run them in bf16 or their floating inputs are bf16 already (a bf16 teacher).
 """
 import contextlib
+import os
+import platform
+
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -36,6 +39,17 @@ def native_bf16_matmul(device: torch.device) -> bool:
     if device.type != "cpu":
         return True
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cpu_name() -> str:
+    """This machine's CPU, as results record it (model name, torch's vector level, and whether
+    oneDNN takes bf16 products): bf16 rounds differently across CPUs."""
+    model = platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    units = "bf16 units" if native_bf16_matmul("cpu") else "no bf16 units"
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()}, {units})"
 
 
 def resolve(mode: str, device: torch.device) -> str:

@@ -72,14 +72,15 @@ def main(argv=None):
         rows.append(dict(mode=m, step_s=statistics.median(times[m]), samples=len(times[m]), loss=loss[m],
                          grad_rel_diff_vs=base, grad_rel_diff=rel))
     print(f"{args.model}, {args.batch_size}x{args.block_size} tokens, {torch.get_num_threads()} threads, "
-          f"{torch.backends.cpu.get_cpu_capability()}, native bf16 products: {precision.native_bf16_matmul('cpu')}")
+          f"{precision.cpu_name()}")
     print(f"{'mode':<10} {'fwd+bwd s':>10} {'samples':>8} {'loss':>10} {'|g - g_' + base + '| / |g_' + base + '|':>24}")
     for r in rows:
         print(f"{r['mode']:<10} {r['step_s']:>10.2f} {r['samples']:>8} {r['loss']:>10.5f} {r['grad_rel_diff']:>24.2e}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"model": args.model, "tokens": args.batch_size * args.block_size, "torch": torch.__version__,
-                   "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                   "threads": torch.get_num_threads(), "cpu": precision.cpu_name(),
+                   "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                    "native_bf16_products": precision.native_bf16_matmul("cpu"), "rows": rows, "times": times},
                   f, indent=2)
     print(f"wrote {args.out}")

@@ -30,16 +30,14 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import _checkout  # noqa: E402,F401  (this checkout's agip, its root off sys.path)
 
-import torch  # noqa: E402
-
 from agip import checkpoint  # noqa: E402
+from agip.precision import cpu_name  # noqa: E402
 from agip.train import EvalCache, FinetuneConfig, finetune  # noqa: E402
 
 LRS = (5e-5, 1e-4, 2e-4)
@@ -74,15 +72,6 @@ DISTILL_CANDIDATES = [
 ]
 PHASES = ("lr", "select", "nm", "distill", "grid")
 DENSE_TEACHER = "dense-ft"  # a row's teacher: the study's dense fine-tuned model (one dense run, kept)
-
-
-def cpu_name() -> str:
-    """The CPU a row ran on (model name, torch's vector level): bf16 rounds differently across CPUs."""
-    model = platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    return f"{model} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def run_key(method, overrides, target, seed, lr, steps):
