@@ -53,6 +53,10 @@ def main(out: str) -> None:
     torch.save({"weights": {n: p.detach().clone() for n, p in model.named_parameters()}, "masks": masks,
                 "losses": list(opt.schedule.losses), "report": opt.sparsity_report(), "world": opt.comm.world},
                f"{out}.{dist.get_rank()}")
+    # leave the group together: a rank exiting while the other still talks to gloo crashed at
+    # exit now and then
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
