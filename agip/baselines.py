@@ -121,20 +121,21 @@ def gmp_ratio(step: int, total_steps: int, target: float, start: float = 0.05, e
 
 
 @torch.no_grad()
-def wanda_masks(model, opt, ratio: float, calibration, pattern: str = "unstructured") -> dict:
-    """Wanda: per output row, prune the floor(ratio * fan_in) weights with the smallest
-    |W_ij| * ||X_j||_2, X being the layer's inputs over the ``calibration`` batches (a
-    list of token tensors). Works for nn.Linear (out, in) and GPT-2's Conv1D (in, out).
-    With an N:M ``pattern`` (Wanda's own N:M variant; ``ratio`` must be N/M): the N of
-    smallest score in every M consecutive inputs of a row."""
-    n_m = nm_of(pattern, ratio)
+def input_norms(model, opt, calibration) -> dict:
+    """||X_j||_2 for every prunable weight: the norm of each of its inputs over the
+    ``calibration`` batches (a list of token tensors), as Wanda scores with (a vector over
+    the weight's input dimension; dim 1 of an nn.Linear, dim 0 of GPT-2's Conv1D). For
+    Wanda here and for ``AGIP.set_input_norms`` (docs/algorithm.md §2.5c). Keyed by the
+    prunable parameter; raises if a prunable weight saw no input (not under a module with a
+    ``weight``, or not reached by the forward)."""
+    if not calibration:
+        raise ValueError("input_norms needs at least one calibration batch (a list of token tensors)")
     names = {p: n for n, p in _prunable(opt)}
-    sq, hooks, transposed = {}, [], {}
+    sq, hooks = {}, []
     for module in model.modules():
         w = getattr(module, "weight", None)
         if w is None or w not in names:
             continue
-        transposed[w] = type(module).__name__ == "Conv1D"  # GPT-2 stores (in, out)
 
         def hook(mod, args, out, key=w):
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
@@ -150,11 +151,31 @@ def wanda_masks(model, opt, ratio: float, calibration, pattern: str = "unstructu
         for h in hooks:
             h.remove()
         model.train(was_training)
-    masks = {}
     for p, name in names.items():
         if p not in sq:
-            raise RuntimeError(f"Wanda: no calibration input reached {name}")
-        norm = sq[p].sqrt()
+            raise RuntimeError(f"no calibration input reached {name}: its module is not called by the forward, or "
+                               "it is not a module's .weight")
+    return {p: sq[p].sqrt() for p in names}
+
+
+@torch.no_grad()
+def wanda_masks(model, opt, ratio: float, calibration, pattern: str = "unstructured") -> dict:
+    """Wanda: per output row, prune the floor(ratio * fan_in) weights with the smallest
+    |W_ij| * ||X_j||_2, X being the layer's inputs over the ``calibration`` batches (a
+    list of token tensors). Works for nn.Linear (out, in) and GPT-2's Conv1D (in, out).
+    With an N:M ``pattern`` (Wanda's own N:M variant; ``ratio`` must be N/M): the N of
+    smallest score in every M consecutive inputs of a row."""
+    n_m = nm_of(pattern, ratio)
+    names = {p: n for n, p in _prunable(opt)}
+    norms = input_norms(model, opt, calibration)
+    transposed = {}
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if w is not None and w in names:
+            transposed[w] = type(module).__name__ == "Conv1D"  # GPT-2 stores (in, out)
+    masks = {}
+    for p, name in names.items():
+        norm = norms[p]
         w = p.detach().float().abs()
         score = (w * norm[:, None]).t() if transposed[p] else w * norm[None, :]  # rows = outputs
         if n_m is not None:

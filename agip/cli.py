@@ -46,6 +46,9 @@ def _add_finetune(sub):
                         "the weights outside them decay, cut at the end of the ramp)")
     p.add_argument("--nm-decay", type=float, default=d.nm_decay,
                    help="decay mode: the share a pruning step takes off the weights outside the masks, at R_target")
+    p.add_argument("--nm-input-power", type=float, default=d.nm_input_power,
+                   help="N:M with agip: multiply the score by each input's norm ||X_j||^q over the calibration "
+                        "blocks (Wanda's norms); 0 = off, 0.5 = what the Fisher score's v^(1/4) leaves out")
     p.add_argument("--schedule", default=d.schedule, choices=("exp", "cubic", "oneshot"),
                    help="default: the preset's")
     p.add_argument("--ramp-end", type=float, default=d.ramp_end,

@@ -83,6 +83,7 @@ class Config:
     sparsity_pattern: str = "unstructured"
     nm_mode: str = "fixed"
     nm_decay: float = 0.1
+    nm_input_power: float = 0.0  # N:M: scores times ||X_j||^q, the input's norm (§2.5c); 0 = off
 
     @classmethod
     def resolve(cls, preset: str = "default", **options) -> "Config":
@@ -133,9 +134,13 @@ class Config:
         need(number(self.ramp_end) and 0 < self.ramp_end <= 1,
              f"ramp_end must be in (0, 1] (the share of total_steps where the cubic ramp ends), got {self.ramp_end!r}")
         need(number(self.nm_decay) and 0 < self.nm_decay <= 1, f"nm_decay must be in (0, 1], got {self.nm_decay!r}")
+        need(number(self.nm_input_power) and 0 <= self.nm_input_power <= 1,
+             f"nm_input_power must be in [0, 1] (0: off), got {self.nm_input_power!r}")
+        need(self.nm_input_power == 0 or pattern is not None,
+             f"nm_input_power={self.nm_input_power!r} is for an N:M sparsity_pattern (e.g. '2:4')")
         # stored as the state dict records them (a resumed run compares them)
         for name in ("ta_gamma", "ta_beta", "ta_k", "ta_clip", "ta_eps", "ta_loss_floor", "target_sparsity",
-                     "regrow_fraction", "saliency_ema", "fisher_power", "nm_decay", "ramp_end"):
+                     "regrow_fraction", "saliency_ema", "fisher_power", "nm_decay", "ramp_end", "nm_input_power"):
             object.__setattr__(self, name, float(getattr(self, name)))
         object.__setattr__(self, "stability", bool(self.stability))
 

@@ -31,6 +31,10 @@ class Method:
                          weight_decay=cfg.weight_decay, backend=cfg.backend, **cfg.agip_options())
 
     def before_training(self, model, opt, calibration) -> bool:
+        # N:M scores times the inputs' norms (nm_input_power > 0, algorithm.md §2.5c): measured
+        # on the calibration blocks Wanda uses, once; nothing is pruned here
+        if getattr(getattr(opt, "config", None), "nm_input_power", 0.0) > 0:
+            opt.set_input_norms(baselines.input_norms(model, opt, calibration()))
         return False
 
     def after_step(self, step: int, opt) -> None:

@@ -69,9 +69,19 @@ def groups_total(flat, m: int) -> int:
     return sum(s.numel // m for _, s in flat.prunable_slots())
 
 
-def select(flat, plan, n: int, m: int, k: int):
+def scaled(score: torch.Tensor, shape: tuple, input_dim: int, scale: torch.Tensor) -> torch.Tensor:
+    """A parameter's flat score slice times ``scale[j]``, j its index along ``input_dim``
+    (algorithm.md §2.5c: S_ij · ||X_j||^q), in fp32 (one rounding per entry)."""
+    view = [1] * len(shape)
+    view[input_dim] = -1
+    return (score.view(shape) * scale.view(view)).reshape(-1)
+
+
+def select(flat, plan, n: int, m: int, k: int, scales: Optional[dict] = None):
     """The new masks (one bool tensor per bucket, over its prunable segment) and theta, the
-    cost of the k-th cheapest group (algorithm.md §2.5), from pre-update w, g, v."""
+    cost of the k-th cheapest group (algorithm.md §2.5), from pre-update w, g, v. ``scales``
+    (param id -> fp32 vector over its input dimension) multiplies each score by its input's
+    factor first (§2.5c)."""
     per_slot, scores = [], {}
     for b, s in flat.prunable_slots():
         if id(b) not in scores:
@@ -81,7 +91,8 @@ def select(flat, plan, n: int, m: int, k: int):
             scores[id(b)] = reference.saliency(b, plan, sqrt=torch.Tensor.sqrt_)
         score = scores[id(b)]
         sl = slice(s.start, s.start + s.numel)
-        sg = _grouped(score[sl], s.shape, s.input_dim, m)
+        part = score[sl] if scales is None else scaled(score[sl], s.shape, s.input_dim, scales[id(s.param)])
+        sg = _grouped(part, s.shape, s.input_dim, m)
         active = _grouped(b.mask[sl], s.shape, s.input_dim, m)
         # order inside a group: pruned entries first, then by score, then by index
         ranks = _ranks(torch.where(active, sg, -1.0))

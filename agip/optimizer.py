@@ -231,7 +231,9 @@ class AGIP(TAAdamW):
     they are None.
     ``sparsity_pattern="2:4"`` (any ``"N:M"``) prunes N of every M weights along the input
     (§2.5); ``nm_mode="decay"`` lets the N:M masks change while the weights outside them decay
-    by ``nm_decay`` · R_t/R_target a pruning step, until the ramp ends and they are cut (§2.5b).
+    by ``nm_decay`` · R_t/R_target a pruning step, until the ramp ends and they are cut (§2.5b);
+    ``nm_input_power=q > 0`` multiplies the N:M score by the input's norm ||X_j||^q, from
+    calibration batches handed to :meth:`set_input_norms` (§2.5c).
     Under DDP or FSDP2 every rank makes the decision one process would make for the whole
     model (§6).
     """
@@ -245,7 +247,7 @@ class AGIP(TAAdamW):
                  stability_window: int = 50, backend: str = "auto", saliency: Optional[str] = None,
                  fisher_power: Optional[float] = None, preset: str = "default", process_group=None,
                  sparsity_pattern: str = "unstructured", fisher_moment: Optional[str] = None, nm_mode: str = "fixed",
-                 nm_decay: float = 0.1, ramp_end: float = 0.75):
+                 nm_decay: float = 0.1, ramp_end: float = 0.75, nm_input_power: float = 0.0):
         cfg = Config.resolve(
             preset, max_grad_norm=max_grad_norm, ta_gamma=ta_gamma, ta_beta=ta_beta, ta_k=ta_k, ta_clip=ta_clip,
             ta_eps=ta_eps, ta_loss_floor=ta_loss_floor, target_sparsity=target_sparsity, schedule=schedule,
@@ -253,7 +255,7 @@ class AGIP(TAAdamW):
             regrow_fraction=regrow_fraction, saliency_ema=saliency_ema, stability=stability,
             stability_window=stability_window, saliency=saliency, fisher_power=fisher_power,
             fisher_moment=fisher_moment, sparsity_pattern=sparsity_pattern, nm_mode=nm_mode, nm_decay=nm_decay,
-            ramp_end=ramp_end)
+            ramp_end=ramp_end, nm_input_power=nm_input_power)
         super().__init__(params, lr, betas, eps, weight_decay, backend=backend, process_group=process_group, config=cfg)
         if cfg.target_sparsity > 0 and self._flat.n_prunable_global == 0:
             raise ValueError(f"target_sparsity={cfg.target_sparsity} but no param group has prune=True: build the "
@@ -265,6 +267,38 @@ class AGIP(TAAdamW):
         # weights are copied into the buckets each step (the version counters cannot tell)
         self._score_ahead = cfg.scores_ahead and self._selection.in_update and \
             not any(s.mirrored for b in self._flat.buckets for s in b.slots)
+
+    @torch.no_grad()
+    def set_input_norms(self, norms: dict) -> None:
+        """The input norms ||X_j|| of every prunable weight, for ``nm_input_power > 0``
+        (docs/algorithm.md §2.5c): ``norms`` maps each prunable parameter (or its name in
+        ``param_names``) to a vector of its input size (the size along its input dimension),
+        finite and >= 0, e.g. ``agip.baselines.input_norms(model, opt, batches)``. Every rank
+        of a DDP run must pass the same norms. Kept in the state dict. Checked before
+        anything changes."""
+        need(self._selection.in_update is False and getattr(self._selection, "input_power", 0) > 0,
+             "set_input_norms is for sparsity_pattern='N:M' with nm_input_power > 0 (algorithm.md §2.5c)")
+        need(isinstance(norms, dict), f"set_input_norms takes a dict (parameter or name -> vector), got {type(norms)}")
+        by_name = {n: p for g in self.param_groups for n, p in zip(g.get("param_names", []), g["params"])}
+        want = {id(s.param): s for _, s in self._flat.prunable_slots()}
+        got = {}
+        for key, norm in norms.items():
+            p = by_name.get(key) if isinstance(key, str) else key
+            what = key if isinstance(key, str) else "a parameter"
+            need(p is not None and id(p) in want, f"set_input_norms: {what} is not a prunable parameter of this "
+                 "optimizer (its group needs prune=True)")
+            s = want[id(p)]
+            size = s.shape[s.input_dim]
+            need(isinstance(norm, torch.Tensor) and norm.dim() == 1 and norm.numel() == size and norm.is_floating_point(),
+                 f"set_input_norms: the norm of {what} must be a float vector of its input size {size} (dimension "
+                 f"{s.input_dim} of {s.shape})")
+            need(bool(torch.isfinite(norm).all()) and bool((norm >= 0).all()),
+                 f"set_input_norms: the norm of {what} has negative or non-finite entries")
+            got[id(p)] = norm.detach().float().to(self._flat.device).clone()
+        missing = [s.name for _, s in self._flat.prunable_slots() if id(s.param) not in got]
+        need(not missing, f"set_input_norms: no norm for {missing[:3]}{' ...' if len(missing) > 3 else ''} "
+             f"({len(missing)} prunable parameters): pass one for every prunable parameter")
+        self._selection.set_input_norms(got)
 
     @torch.no_grad()
     def apply_masks(self, masks: dict) -> None:

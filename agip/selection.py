@@ -56,17 +56,31 @@ class NM:
 
     in_update = False
 
-    def __init__(self, flat, n: int, m: int):
+    def __init__(self, flat, n: int, m: int, input_power: float = 0.0):
         if flat.comm.sharded:
             raise ValueError("sparsity_pattern N:M is not supported on FSDP2 shards yet: use DDP, or 'unstructured'")
         nm.check_layout(flat, m)
         self.n, self.m, self.groups = n, m, nm.groups_total(flat, m)
+        self.input_power = input_power
+        self.input_norms = None  # param id -> ||X_j|| over its input dimension (§2.5c), set by AGIP.set_input_norms
+        self.scales = None  # param id -> ||X_j||^q in fp32
+
+    def set_input_norms(self, norms: dict) -> None:
+        self.input_norms = norms
+        self.scales = {key: norm.float().pow(self.input_power) for key, norm in norms.items()}
+
+    def _select(self, flat, plan, k: int):
+        if self.input_power > 0 and self.scales is None:
+            raise RuntimeError("nm_input_power > 0 scores each weight by its input's norm (algorithm.md §2.5c): call "
+                               "opt.set_input_norms(agip.baselines.input_norms(model, opt, calibration_batches)) "
+                               "before the first pruning step")
+        return nm.select(flat, plan, self.n, self.m, k, self.scales)
 
     def select(self, backend, flat, plan, ratio: float) -> Decision:
         k = nm.groups_to_prune(ratio, self.n, self.m, self.groups)
         if self.settled(flat, k):
             return Decision(theta=0.0)
-        masks, theta = nm.select(flat, plan, self.n, self.m, k)
+        masks, theta = self._select(flat, plan, k)
         return Decision(theta=theta, masks=masks)
 
     def settled(self, flat, k: int) -> bool:
@@ -84,15 +98,15 @@ class NMDecay(NM):
     score rises wins its place back; the step that reaches the target cuts them, and from
     then on the masks stay fixed (as in :class:`NM`)."""
 
-    def __init__(self, flat, n: int, m: int, target: float, decay: float):
-        super().__init__(flat, n, m)
+    def __init__(self, flat, n: int, m: int, target: float, decay: float, input_power: float = 0.0):
+        super().__init__(flat, n, m, input_power)
         self.target, self.decay, self.k_final = target, decay, nm.groups_to_prune(target, n, m, self.groups)
 
     def select(self, backend, flat, plan, ratio: float) -> Decision:
         hard = ratio >= self.target  # the end of the ramp (the final pruning step snaps R_t to it)
         if hard and self.settled(flat, self.k_final):
             return Decision(theta=0.0)
-        masks, theta = nm.select(flat, plan, self.n, self.m, self.k_final)
+        masks, theta = self._select(flat, plan, self.k_final)
         return Decision(theta=theta, masks=masks, decay=None if hard else self.decay * ratio / self.target)
 
 
@@ -102,5 +116,5 @@ def make(flat, config):
     if pattern is None:
         return Unstructured()
     if config.nm_mode == "decay":
-        return NMDecay(flat, *pattern, config.target_sparsity, config.nm_decay)
-    return NM(flat, *pattern)
+        return NMDecay(flat, *pattern, config.target_sparsity, config.nm_decay, config.nm_input_power)
+    return NM(flat, *pattern, config.nm_input_power)

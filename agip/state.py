@@ -59,6 +59,9 @@ def state_dict(opt, sd: dict) -> dict:
         "world_size": opt.comm.world,
         "sharded": opt.comm.sharded,
     }
+    norms = getattr(opt._selection, "input_norms", None)
+    if norms is not None:  # §2.5c, in the order of the prunable parameters
+        sd["agip"]["input_norms"] = [norms[id(s.param)].clone() for _, s in opt._flat.prunable_slots()]
     return sd
 
 def load_state_dict(opt, state_dict: dict) -> None:
@@ -96,6 +99,14 @@ def load_state_dict(opt, state_dict: dict) -> None:
     extra = state_dict["agip"]
     saved_cfg = extra.get("config", {})
     config = opt.config.as_dict()
+    norms = extra.get("input_norms")
+    slots = [s for _, s in opt._flat.prunable_slots()]
+    if norms is not None:
+        if not hasattr(opt._selection, "set_input_norms"):
+            raise ValueError("this state dict holds input norms (nm_input_power > 0, an N:M pattern); this optimizer "
+                             "has no N:M pattern: build it with the run's sparsity_pattern and nm_input_power")
+        if len(norms) != len(slots) or any(n.numel() != s.shape[s.input_dim] for n, s in zip(norms, slots)):
+            raise ValueError("the state dict's input norms do not match this optimizer's prunable parameters")
     changed = sorted(k for k in config if k in saved_cfg and saved_cfg[k] != config[k])
     if changed:
         warnings.warn(f"resuming with changed settings {changed}; the new values apply from here on", stacklevel=2)
@@ -109,3 +120,5 @@ def load_state_dict(opt, state_dict: dict) -> None:
     opt.skipped_steps = int(extra["skipped_steps"])
     opt.schedule.load_state_dict(extra["schedule"])
     opt._last.update(extra.get("last", {}))
+    if norms is not None:
+        opt._selection.set_input_norms({id(s.param): n.float().to(opt._flat.device) for n, s in zip(norms, slots)})

@@ -62,6 +62,11 @@ NM_CANDIDATES = [
     ("2:4, changing masks (decay 0.1), Fisher p=1/4, ramp to 0.4T", dict(sparsity_pattern="2:4", nm_mode="decay",
                                                                          nm_decay=0.1, fisher_power=0.25,
                                                                          ramp_end=0.4)),
+    # ... ranked by the score times each input's norm^(1/2) (algorithm.md §2.5c): within a group,
+    # Wanda's order |w|·||X_j|| where the Fisher score only estimates ||X_j||^(1/2) from v
+    ("2:4, changing masks (decay 0.1), Fisher p=1/4 x input norm^(1/2), ramp to 0.4T",
+     dict(sparsity_pattern="2:4", nm_mode="decay", nm_decay=0.1, fisher_power=0.25, ramp_end=0.4,
+          nm_input_power=0.5)),
 ]
 # distillation's candidates (teacher: the model before pruning), chosen on the 2:4 mode, where
 # the gap to dense is largest; then given to the baselines and the default alike in the grid

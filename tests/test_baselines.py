@@ -134,6 +134,24 @@ def test_harness_24_baselines_train_a_24_model(method, gpt2_dir, corpus_dir, tmp
     assert nm.is_24(w.t())  # Conv1D (in, out): is_24 reads nn.Linear's (out, in)
 
 
+def test_harness_agip_24_with_input_norms(gpt2_dir, corpus_dir, tmp_path):
+    """--nm-input-power: the harness measures the inputs' norms on Wanda's calibration blocks
+    and trains a 2:4 model; a baseline refuses the flag."""
+    from agip import nm
+    from agip.checkpoint import load_model
+    from agip.train import FinetuneConfig, finetune
+
+    cfg = dict(model=gpt2_dir, dataset=corpus_dir, out=str(tmp_path), steps=4, batch_size=2, block_size=32, lr=1e-3,
+               target_sparsity=0.5, sparsity_pattern="2:4", nm_mode="decay", nm_input_power=0.5, eval_seq_len=64,
+               eval_max_tokens=256, progress=False, bf16=False)
+    rep = finetune(FinetuneConfig(**cfg))
+    assert rep["sparsity_prunable"] == 0.5 and rep["config"]["nm_input_power"] == 0.5
+    model = load_model(rep["checkpoint"])[0]
+    assert nm.is_24(model.transformer.h[0].mlp.c_fc.weight.detach().t())
+    with pytest.raises(ValueError, match="--nm-input-power is for --method agip"):
+        FinetuneConfig(**{**cfg, "method": "wanda"}).check()
+
+
 @pytest.mark.parametrize("method", ["gmp", "magnitude", "wanda", "adamw", "platon"])
 def test_harness_methods(method, gpt2_dir, corpus_dir, tmp_path):
     from agip.train import FinetuneConfig, finetune
@@ -194,17 +212,18 @@ def test_quality_quick_runs_every_phase_and_resumes(gpt2_dir, corpus_dir, tmp_pa
     assert res.stdout.count("[lr]") == 0 and res.stdout.count("[select]") == 0  # recorded runs are not redone
     data = json.loads((tmp_path / "study-2.json").read_text())
     rows = data["rows"]
-    # 4 2:4 candidates (the grid's "default in 2:4" row is one of them, not run twice), 3
+    # 5 2:4 candidates (the grid's "default in 2:4" row is one of them, not run twice), 3
     # distillation candidates, then the grid (with 8 distilled rows, PLATON's seeds 1 and 2)
-    assert len(rows) == 3 + 4 + 4 + len(quality.DISTILL_CANDIDATES) + 36 and len({r["key"] for r in rows}) == len(rows)
+    n_nm, n_distill = len(quality.NM_CANDIDATES), len(quality.DISTILL_CANDIDATES)
+    assert len(rows) == 3 + 4 + n_nm + n_distill + 36 and len({r["key"] for r in rows}) == len(rows)
     assert set(data["choices"]) == {"lr", "default", "nm", "distill"}
-    # candidates, 2 baselines, 2 seeds; distillation's 3 candidates, 2 baselines, the dense teacher's row
-    n_distill = len(quality.DISTILL_CANDIDATES)
-    assert sum(1 for r in rows if r.get("sparsity_pattern") == "2:4") == 4 + 2 + 2 + n_distill + 2 + 1
+    # candidates, 2 baselines, 2 seeds; distillation's candidates, 2 baselines, the dense teacher's row
+    assert sum(1 for r in rows if r.get("sparsity_pattern") == "2:4") == n_nm + 2 + 2 + n_distill + 2 + 1
     assert sum(1 for r in rows if r.get("distill_kl") or r.get("distill_hidden")) == n_distill + 8
     taught = [r for r in rows if r.get("teacher") == "dense-ft"]
     assert len(taught) == 1 and data["teacher"]["dense-ft"]["ppl_test"] > 0
     assert {r.get("nm_mode") for r in rows if r["phase"] == "nm"} == {None, "decay"}
+    assert [r.get("nm_input_power") for r in rows if r["phase"] == "nm"].count(0.5) == 1  # §2.5c
     assert {r["method"] for r in rows} == {"adamw", "gmp", "magnitude", "wanda", "agip", "platon"}
     assert {r["target"] for r in rows} == {0.0, 0.3, 0.5}
     assert all(r["ood_test"] and r["ood_validation"] and r["ppl_validation"] for r in rows)

@@ -123,6 +123,8 @@ def test_backends_find_the_same_masks(backend, mode, monkeypatch):
     (dict(pattern="2:4", nm_mode="sometimes"), "nm_mode must be one of"),
     (dict(pattern="unstructured", nm_mode="decay"), "is for an N:M sparsity_pattern"),
     (dict(pattern="2:4", nm_mode="decay", nm_decay=0.0), "nm_decay must be in"),
+    (dict(pattern="2:4", nm_input_power=-0.5), "nm_input_power must be in"),
+    (dict(pattern="unstructured", nm_input_power=0.5), "nm_input_power=0.5 is for an N:M"),
 ])
 def test_bad_settings_fail_before_any_step(kw, match):
     pattern = kw.pop("pattern")
@@ -224,3 +226,107 @@ def test_settled_needs_exactly_n_pruned_in_every_group():
     first = g.reshape(-1, 4)[0]
     first[first.nonzero()[0]] = False  # a third entry pruned in one group: not settled any more
     assert not nm.settled(opt._flat, 2, 4)
+
+
+# --- N:M scores times the inputs' norms (algorithm.md §2.5c) ------------------------------
+def prunable_of(opt):
+    return [(p, d) for g in opt.param_groups if g["prune"] for p, d in zip(g["params"], g["input_dims"])]
+
+
+def norms_of(opt, fill):
+    """One norm vector per prunable weight, ``fill(j)`` at input j."""
+    return {p: torch.tensor([float(fill(j)) for j in range(p.shape[d])]) for p, d in prunable_of(opt)}
+
+
+@pytest.mark.parametrize("mode", ["fixed", "decay"])
+def test_input_norms_that_are_equal_leave_the_choice_alone(mode):
+    """Norms of 4 everywhere, q = 1/2: every score times 2 (exact in fp32), so the very same
+    weights, masks and theta as without norms."""
+    runs = []
+    for power in (0.0, 0.5):
+        model, opt = make(nm_mode=mode, nm_input_power=power)
+        if power:
+            opt.set_input_norms(norms_of(opt, lambda j: 4.0))
+        thetas = []
+        for t in range(STEPS):
+            train(model, opt, 1, start=t)
+            thetas.append(opt.sparsity_report()["theta"])
+        runs.append(([p.detach().clone() for p in model.parameters()], thetas))
+    (w0, th0), (w1, th1) = runs
+    assert all(torch.equal(a, b) for a, b in zip(w0, w1))
+    assert th1 == [t * 2 if t and t > 0 else t for t in th0]  # theta is a scaled group cost
+
+
+@pytest.mark.parametrize("mode", ["fixed", "decay"])
+def test_input_norms_decide_within_each_group(mode):
+    """Inputs 0 and 1 of every 4 with norm 1e-6, inputs 2 and 3 with 1e6: at q = 1/2 their
+    scores are 1e6 times apart, so the 2 pruned entries of every group are inputs 0 and 1
+    (without the norms the scores choose otherwise)."""
+    model, opt = make(nm_mode=mode, nm_input_power=0.5)
+    opt.set_input_norms(norms_of(opt, lambda j: 1e-6 if j % 4 < 2 else 1e6))
+    train(model, opt, STEPS)
+    for p, dim in prunable_of(opt):
+        kept = groups_of(opt.state[p]["mask"], dim, 4)
+        assert torch.all(~kept[:, :2]) and torch.all(kept[:, 2:])
+    model, opt = make(nm_mode=mode)
+    train(model, opt, STEPS)
+    assert not all(torch.all(~groups_of(opt.state[p]["mask"], d, 4)[:, :2]) for p, d in prunable_of(opt))
+
+
+def test_input_norms_resume_from_the_state_dict_bit_identically():
+    """The norms travel in the state dict: a fresh optimizer loaded from it continues as the
+    original does, without set_input_norms."""
+    model, opt = make(nm_mode="decay", nm_input_power=0.5)
+    opt.set_input_norms(norms_of(opt, lambda j: 1.0 + (j * 7919 % 13)))
+    train(model, opt, 3)
+    sd = opt.state_dict()
+    twin, twin_opt = make(nm_mode="decay", nm_input_power=0.5, model=TinyLM())
+    twin.load_state_dict(model.state_dict())
+    twin_opt.load_state_dict(sd)
+    train(model, opt, STEPS - 3, start=3)
+    train(twin, twin_opt, STEPS - 3, start=3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    assert len(sd["agip"]["input_norms"]) == len(prunable_of(opt))
+    _, unstructured = make(pattern="unstructured")
+    with pytest.raises(ValueError, match="holds input norms"):
+        unstructured.load_state_dict(sd)
+
+
+def test_input_norms_fail_clearly():
+    model, opt = make(nm_mode="decay", nm_input_power=0.5)
+    with pytest.raises(RuntimeError, match="call opt.set_input_norms"):
+        train(model, opt, 3)  # the first pruning step
+    _, opt = make(nm_mode="decay", nm_input_power=0.5)
+    good = norms_of(opt, lambda j: 1.0)
+    p, _ = prunable_of(opt)[0]
+    with pytest.raises(ValueError, match="input size"):
+        opt.set_input_norms({**good, p: torch.ones(3)})
+    with pytest.raises(ValueError, match="negative or non-finite"):
+        opt.set_input_norms({**good, p: -good[p]})
+    with pytest.raises(ValueError, match="pass one for every prunable parameter"):
+        opt.set_input_norms({p: good[p]})
+    with pytest.raises(ValueError, match="not a prunable parameter"):
+        opt.set_input_norms({**good, "nope": good[p]})
+    _, plain = make()
+    with pytest.raises(ValueError, match="nm_input_power > 0"):
+        plain.set_input_norms(norms_of(plain, lambda j: 1.0))
+
+
+def test_input_norms_of_the_calibration_batches_are_wandas():
+    """agip.baselines.input_norms: ||X_j|| of each prunable layer's inputs, by hand for one."""
+    from agip import baselines
+
+    model, opt = make(nm_mode="decay", nm_input_power=0.5)
+    cal = [batch(0), batch(1)]
+    norms = baselines.input_norms(model, opt, cal)
+    layer = model.layers[0]
+    seen = []
+    h = layer.q_proj.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().reshape(-1, 16)))
+    with torch.no_grad():
+        for x in cal:
+            model(x)
+    h.remove()
+    assert torch.allclose(norms[layer.q_proj.weight], torch.cat(seen).pow(2).sum(0).sqrt(), rtol=1e-6)
+    assert set(norms) == {p for p, _ in prunable_of(opt)}
+    with pytest.raises(ValueError, match="at least one calibration batch"):
+        baselines.input_norms(model, opt, [])
