@@ -67,6 +67,16 @@ NM_CANDIDATES = [
     ("2:4, changing masks (decay 0.1), Fisher p=1/4 x input norm^(1/2), ramp to 0.4T",
      dict(sparsity_pattern="2:4", nm_mode="decay", nm_decay=0.1, fisher_power=0.25, ramp_end=0.4,
           nm_input_power=0.5)),
+    # Wanda + FT 2:4 beats the line above: is it Wanda's score (|w|·||X_j||, no v), or its
+    # 100 steps with the final masks? One candidate each: Wanda's score in the decay mode, and
+    # a ramp half as long with a decay twice as fast (the weights outside the masks still end
+    # near 0.85^20 ≈ 4% of their size, as 0.925^40 does above)
+    ("2:4, changing masks (decay 0.1), |w| x input norm (Wanda's score), ramp to 0.4T",
+     dict(sparsity_pattern="2:4", nm_mode="decay", nm_decay=0.1, fisher_power=0.0, ramp_end=0.4,
+          nm_input_power=1.0)),
+    ("2:4, changing masks (decay 0.2), Fisher p=1/4 x input norm^(1/2), ramp to 0.2T",
+     dict(sparsity_pattern="2:4", nm_mode="decay", nm_decay=0.2, fisher_power=0.25, ramp_end=0.2,
+          nm_input_power=0.5)),
 ]
 # distillation's candidates (teacher: the model before pruning), chosen on the 2:4 mode, where
 # the gap to dense is largest; then given to the baselines and the default alike in the grid
