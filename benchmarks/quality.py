@@ -277,6 +277,10 @@ class Study:
                      (f"one-shot magnitude + FT, 2:4, {tag}", "magnitude", {"sparsity_pattern": "2:4",
                                                                            **dist["overrides"]}, 0.5, 0)]
             if nm_choice:
+                # the start teacher too: the distill phase's run when the 2:4 mode was chosen before
+                # it (the same key, not run twice); a new run when a later candidate won the nm phase
+                runs.append((f"AGIP 2:4 ({nm_choice['label']}), {tag}", "agip",
+                             {**nm_choice["overrides"], **dist["overrides"]}, 0.5, 0))
                 runs.append((f"AGIP 2:4 ({nm_choice['label']}), {tag}, teacher: dense fine-tuned", "agip",
                              {**nm_choice["overrides"], **dist["overrides"], "teacher": DENSE_TEACHER}, 0.5, 0))
         # the strongest baselines' seeds: SparseGPT + FT in 2:4, PLATON at 50% (unstructured)
