@@ -404,7 +404,8 @@ def write_outputs(data, out, steps):
     def mean(rs, key):
         return sum(r[key] for r in rs) / len(rs)
 
-    # means over seeds of the grid rows (with the lr and select runs that are grid runs too)
+    # means over seeds of the grid rows (with the lr and select runs that are grid runs too;
+    # grid_label keeps only runs at the chosen lr)
     groups = {}
     for r in rows:
         label = grid_label(r, data)
@@ -412,9 +413,7 @@ def write_outputs(data, out, steps):
             groups.setdefault((label, r["target"], r["lr"]), []).append(r)
     lines += ["", "Grid means over seeds:", "", "| method | target | seeds | mean test ppl | "
               + (f"mean {ood} test ppl |" if ood else ""), "|---|---|---|---|" + ("---|" if ood else "")]
-    for (label, target, lr), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        if lr != data["choices"].get("lr"):
-            continue
+    for (label, target, _), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         lines.append(f"| {md(label)} | {target:.1f} | {len(rs)} | {mean(rs, 'ppl_test'):.3f} | "
                      + (f"{mean(rs, 'ood_test'):.3f} |" if ood else ""))
     with open(os.path.join(out, f"study-{steps}.md"), "w") as fh:
