@@ -279,10 +279,10 @@ class Study:
             if nm_choice:
                 # the start teacher too: the distill phase's run when the 2:4 mode was chosen before
                 # it (the same key, not run twice); a new run when a later candidate won the nm phase
-                runs.append((f"AGIP 2:4 ({nm_choice['label']}), {tag}", "agip",
-                             {**nm_choice["overrides"], **dist["overrides"]}, 0.5, 0))
-                runs.append((f"AGIP 2:4 ({nm_choice['label']}), {tag}, teacher: dense fine-tuned", "agip",
-                             {**nm_choice["overrides"], **dist["overrides"], "teacher": DENSE_TEACHER}, 0.5, 0))
+                taught_nm = {**nm_choice["overrides"], **dist["overrides"]}
+                runs += [(f"AGIP 2:4 ({nm_choice['label']}), {tag}", "agip", taught_nm, 0.5, 0),
+                         (f"AGIP 2:4 ({nm_choice['label']}), {tag}, teacher: dense fine-tuned", "agip",
+                          {**taught_nm, "teacher": DENSE_TEACHER}, 0.5, 0)]
         # the strongest baselines' seeds: SparseGPT + FT in 2:4, PLATON at 50% (unstructured)
         if 0.5 in targets:
             if importlib.util.find_spec("llmcompressor") is not None:
@@ -405,15 +405,15 @@ def write_outputs(data, out, steps):
         return sum(r[key] for r in rs) / len(rs)
 
     # means over seeds of the grid rows (with the lr and select runs that are grid runs too;
-    # grid_label keeps only runs at the chosen lr)
+    # grid_label keeps only runs at the chosen lr, so label and target make a group)
     groups = {}
     for r in rows:
         label = grid_label(r, data)
         if label:
-            groups.setdefault((label, r["target"], r["lr"]), []).append(r)
+            groups.setdefault((label, r["target"]), []).append(r)
     lines += ["", "Grid means over seeds:", "", "| method | target | seeds | mean test ppl | "
               + (f"mean {ood} test ppl |" if ood else ""), "|---|---|---|---|" + ("---|" if ood else "")]
-    for (label, target, _), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (label, target), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         lines.append(f"| {md(label)} | {target:.1f} | {len(rs)} | {mean(rs, 'ppl_test'):.3f} | "
                      + (f"{mean(rs, 'ood_test'):.3f} |" if ood else ""))
     with open(os.path.join(out, f"study-{steps}.md"), "w") as fh:
@@ -421,7 +421,7 @@ def write_outputs(data, out, steps):
     keys = [("ppl_test", "wiki-mini test")] + ([("ood_test", f"{ood} test (out of domain)")] if ood else [])
     dense = [r for r in rows if r["method"] == "adamw" and r["lr"] == data["choices"].get("lr")]
     by_label = {}  # the grid groups above, dense fine-tuning apart: label -> target -> runs
-    for (label, target, _), rs in groups.items():
+    for (label, target), rs in groups.items():
         if rs[0]["method"] != "adamw":
             by_label.setdefault(label, {})[target] = rs
     # perplexity against sparsity: the unstructured methods without a teacher (the 2:4 and the
