@@ -12,7 +12,12 @@ budget (the same steps, tokens, LR schedule and seed for every method), in phase
    pruning) on the chosen 2:4 mode, chosen the same way;
 5. ``grid``: dense; GMP; one-shot magnitude + FT; Wanda + FT; AGIP with the thesis preset;
    AGIP with the chosen default; at each target, three seeds for dense, Wanda + FT and
-   the default at the largest target; the default in the 2:4 pattern at 50%.
+   the default at the largest target; the default in the 2:4 pattern at 50%;
+6. ``lr24``: the chosen 2:4 mode and the 2:4 baselines + FT (Wanda, SparseGPT) at the
+   larger learning rates of LRS_24 (seed 0): a 2:4 model starts far more damaged than an
+   unstructured one, so the lr dense fine-tuning chose may be too small for it. Each method
+   gets the lr that measures best on validation in a table of its own; the grid keeps the
+   study's lr for every row.
 
 Every run also measures the test splits of wiki-mini and of the out-of-domain ``pydoc``
 corpus (never trained on). Results go to ``study-<steps>.json`` after every run, and a run
@@ -89,7 +94,8 @@ DISTILL_CANDIDATES = [
     ("KL + SquareHead", dict(distill_kl=1.0, distill_hidden=1.0)),
     ("SquareHead", dict(distill_hidden=1.0)),
 ]
-PHASES = ("lr", "select", "nm", "distill", "grid")
+LRS_24 = (2e-4,)  # the lr24 phase's learning rates, beside the study's
+PHASES = ("lr", "select", "nm", "distill", "grid", "lr24")
 DENSE_TEACHER = "dense-ft"  # a row's teacher: the study's dense fine-tuned model (one dense run, kept)
 
 
@@ -299,11 +305,29 @@ class Study:
                 taught.insert(1, ("SparseGPT + FT (llmcompressor)", "sparsegpt"))
             runs += [(f"{name}, {tag}", method, dict(dist["overrides"]), 0.5, 0) for name, method in taught]
         for label, method, ov, target, seed in runs:
-            if (self.args.only and not any(label == o if self.args.exact else label.startswith(o)
-                                           for o in self.args.only)) or \
-                    (self.args.seeds is not None and seed not in self.args.seeds):
-                continue
-            self.run(label, method, ov, target, seed, lr, "grid")
+            if self.wanted(label, seed):
+                self.run(label, method, ov, target, seed, lr, "grid")
+
+    def wanted(self, label, seed) -> bool:
+        """Whether ``--only`` and ``--seeds`` let a grid (or lr24) row run."""
+        a = self.args
+        return (not a.only or any(label == o if a.exact else label.startswith(o) for o in a.only)) and \
+            (a.seeds is None or seed in a.seeds)
+
+    def nm_lrs(self, lr):
+        """The lr24 phase: the 2:4 rows of the grid (the chosen mode, Wanda + FT, SparseGPT + FT
+        where llmcompressor is installed) at each lr of LRS_24, seed 0; their rows at the
+        study's lr are the grid's (the same key: not run twice)."""
+        rows = [("Wanda + FT, 2:4", "wanda", {"sparsity_pattern": "2:4"})]
+        nm_choice = self.data["choices"].get("nm")
+        if nm_choice:
+            rows.insert(0, (f"AGIP 2:4 ({nm_choice['label']})", "agip", nm_choice["overrides"]))
+        if importlib.util.find_spec("llmcompressor") is not None:
+            rows.append(("SparseGPT + FT (llmcompressor), 2:4", "sparsegpt", {"sparsity_pattern": "2:4"}))
+        for label, method, ov in rows:
+            if self.wanted(label, 0):
+                for x in sorted({lr, *LRS_24}):
+                    self.run(label, method, ov, 0.5, 0, x, "grid" if x == lr else "lr24")
 
 
 def main(argv=None):
@@ -360,6 +384,8 @@ def main(argv=None):
             study.choose_distill(lr)
         if "grid" in args.phase:
             study.grid(lr, label, ov)
+        if "lr24" in args.phase and 0.5 in args.targets:
+            study.nm_lrs(lr)
     write_outputs(study.data, args.out, args.steps)
 
 
@@ -416,6 +442,7 @@ def write_outputs(data, out, steps):
     for (label, target), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         lines.append(f"| {md(label)} | {target:.1f} | {len(rs)} | {mean(rs, 'ppl_test'):.3f} | "
                      + (f"{mean(rs, 'ood_test'):.3f} |" if ood else ""))
+    lines += lr24_lines(data, ood)
     with open(os.path.join(out, f"study-{steps}.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
     keys = [("ppl_test", "wiki-mini test")] + ([("ood_test", f"{ood} test (out of domain)")] if ood else [])
@@ -468,6 +495,31 @@ def write_outputs(data, out, steps):
     write_density(data, out, steps, plt)
     print("\n".join(lines))
     print(f"wrote {out}/study-{steps}.json, .md, .png")
+
+
+def lr24_lines(data, ood) -> list:
+    """The lr24 phase's table: each 2:4 method at 50% (seed 0) at every lr measured, the one
+    with the best validation score (Study.val_score) marked; [] before the phase has run."""
+    labels = {r["label"] for r in data["rows"] if r["phase"] == "lr24"}
+    by = {}
+    for r in data["rows"]:
+        label = r["label"] if r["phase"] == "lr24" else grid_label(r, data)
+        if label in labels and r["seed"] == 0 and r["target"] == 0.5:
+            by.setdefault(label, {})[r["lr"]] = r
+    if not by:
+        return []
+    lines = ["", "2:4 at 50%, seed 0: each method at every lr measured (the lr24 phase; * = best on validation, "
+             "the geometric mean of wiki-mini's" + (f" and {ood}'s" if ood else "") + " validation perplexity):", "",
+             "| method | lr | valid. ppl | " + (f"{ood} valid. ppl | " if ood else "") + "valid. score | test ppl | "
+             + (f"{ood} test ppl |" if ood else ""), "|---|---|---|---|---|" + ("---|---|" if ood else "")]
+    for label in sorted(by):
+        best = min(by[label], key=lambda lr: Study.val_score(by[label][lr]))
+        for lr in sorted(by[label]):
+            r = by[label][lr]
+            lines.append(f"| {md(label)} | {lr:g}{' *' if lr == best else ''} | {r['ppl_validation']:.3f} | "
+                         + (f"{r['ood_validation']:.3f} | " if ood else "") + f"{Study.val_score(r):.3f} | "
+                         f"{r['ppl_test']:.3f} | " + (f"{r['ood_test']:.3f} |" if ood else ""))
+    return lines
 
 
 def md(text: str) -> str:

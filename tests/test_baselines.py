@@ -214,11 +214,18 @@ def test_quality_quick_runs_every_phase_and_resumes(gpt2_dir, corpus_dir, tmp_pa
     rows = data["rows"]
     # the 2:4 candidates (the grid's "default in 2:4" row is one of them, not run twice), 3
     # distillation candidates, then the grid (with 8 distilled rows, PLATON's seeds 1 and 2)
+    # and the lr24 phase: the chosen 2:4 mode and Wanda + FT 2:4 at the lrs of LRS_24 that are
+    # not the study's (llmcompressor is not installed here: no SparseGPT row)
     n_nm, n_distill = len(quality.NM_CANDIDATES), len(quality.DISTILL_CANDIDATES)
-    assert len(rows) == 3 + 4 + n_nm + n_distill + 36 and len({r["key"] for r in rows}) == len(rows)
+    n_lr24 = 2 * len(set(quality.LRS_24) - {data["choices"]["lr"]})
+    assert len(rows) == 3 + 4 + n_nm + n_distill + 36 + n_lr24 and len({r["key"] for r in rows}) == len(rows)
     assert set(data["choices"]) == {"lr", "default", "nm", "distill"}
-    # candidates, 2 baselines, 2 seeds; distillation's candidates, 2 baselines, the dense teacher's row
-    assert sum(1 for r in rows if r.get("sparsity_pattern") == "2:4") == n_nm + 2 + 2 + n_distill + 2 + 1
+    # candidates, 2 baselines, 2 seeds; distillation's candidates, 2 baselines, the dense teacher's row; lr24
+    assert sum(1 for r in rows if r.get("sparsity_pattern") == "2:4") == n_nm + 2 + 2 + n_distill + 2 + 1 + n_lr24
+    lr24 = [r for r in rows if r["phase"] == "lr24"]
+    assert len(lr24) == n_lr24 and {r["lr"] for r in lr24} <= set(quality.LRS_24)
+    assert {r["label"] for r in lr24} == ({"Wanda + FT, 2:4", f"AGIP 2:4 ({data['choices']['nm']['label']})"}
+                                          if n_lr24 else set())
     assert sum(1 for r in rows if r.get("distill_kl") or r.get("distill_hidden")) == n_distill + 8
     taught = [r for r in rows if r.get("teacher") == "dense-ft"]
     assert len(taught) == 1 and data["teacher"]["dense-ft"]["ppl_test"] > 0
@@ -230,7 +237,9 @@ def test_quality_quick_runs_every_phase_and_resumes(gpt2_dir, corpus_dir, tmp_pa
     assert {r["target"] for r in rows} == {0.0, 0.3, 0.5}
     assert all(r["ood_test"] and r["ood_validation"] and r["ppl_validation"] for r in rows)
     assert sum(1 for r in rows if r["seed"] == 2) == 7  # dense, Wanda, the default at 50%, 30%, v_(t-1), 2:4, PLATON
-    assert (tmp_path / "study-2.md").read_text().count("\n|") >= 25
+    report = (tmp_path / "study-2.md").read_text()
+    assert report.count("\n|") >= 25
+    assert ("the lr24 phase" in report) == bool(n_lr24)  # its table, one method per lr, the best marked
     assert (tmp_path / "study-2.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "study-2-density.png").read_bytes()[:4] == b"\x89PNG"  # default next to thesis
     assert (tmp_path / "study-2-bars.png").read_bytes()[:4] == b"\x89PNG"  # every method at the largest target
