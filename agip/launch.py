@@ -72,8 +72,12 @@ def wrap(model, fsdp: bool, world: int, device: torch.device):
 
 
 def teardown(started: bool) -> None:
-    """Destroy the process group that :func:`init_from_env` started (none otherwise)."""
+    """Destroy the process group that :func:`init_from_env` started (none otherwise). The
+    ranks leave together: one rank destroying its gloo group while another still writes
+    (rank 0's report, checkpoint) aborted the process now and then ("terminate called
+    without an active exception", SIGABRT at exit)."""
     if started:
         import torch.distributed as dist
 
+        dist.barrier()
         dist.destroy_process_group()

@@ -49,7 +49,7 @@ def worker(model_name: str, mode: str, out: str) -> None:
     import torch.distributed as dist
 
     import agip
-    from agip.launch import shard_model
+    from agip.launch import shard_model, teardown
     from agip.models import load_model
 
     dist.init_process_group("gloo")
@@ -70,7 +70,7 @@ def worker(model_name: str, mode: str, out: str) -> None:
            "n_prunable": rep["n_prunable"], "bytes": optimizer_bytes(opt)}
     with open(f"{out}.{dist.get_rank()}", "w") as f:
         json.dump(row, f)
-    dist.destroy_process_group()
+    teardown(True)
 
 
 def measure(model: str, world: int, mode: str) -> list:

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import _checkout  # noqa: E402, F401
 
 import agip  # noqa: E402
+from agip.launch import teardown  # noqa: E402
 
 STEPS = 10
 WORLD = 2
@@ -154,7 +155,7 @@ def main(out: str, *runs: str) -> None:
         results[spec] = run(mode, backend, saliency, flags, os.path.dirname(os.path.abspath(out)))
     if dist.get_rank() == 0:
         torch.save(results, out)
-    dist.destroy_process_group()
+    teardown(True)  # the ranks leave together: rank 1 destroying its group while rank 0 saved aborted it
 
 
 if __name__ == "__main__":

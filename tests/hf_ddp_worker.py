@@ -15,6 +15,7 @@ import _checkout  # noqa: E402, F401
 
 import agip  # noqa: E402
 import agip.hf  # noqa: E402
+from agip.launch import teardown  # noqa: E402
 
 T = 6
 
@@ -53,10 +54,7 @@ def main(out: str) -> None:
     torch.save({"weights": {n: p.detach().clone() for n, p in model.named_parameters()}, "masks": masks,
                 "losses": list(opt.schedule.losses), "report": opt.sparsity_report(), "world": opt.comm.world},
                f"{out}.{dist.get_rank()}")
-    # leave the group together: a rank exiting while the other still talks to gloo crashed at
-    # exit now and then
-    dist.barrier()
-    dist.destroy_process_group()
+    teardown(True)  # the ranks leave the group together
 
 
 if __name__ == "__main__":
