@@ -64,7 +64,7 @@ def distill(trainer, loss):
         ids = inputs["input_ids"]
         loss.teacher.to(ids.device)
         teacher = loss.teacher_out(ids, attention_mask=inputs.get("attention_mask"))
-        total = loss.total(loss.terms(student, teacher))
+        total = loss.loss(student, teacher)  # the model computed its own CE (labels in the batch)
         return (total, student) if return_outputs else total
 
     trainer.compute_loss = compute_loss

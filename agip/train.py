@@ -318,8 +318,9 @@ def export_run(cfg: FinetuneConfig, ckpt: str) -> Optional[dict]:
 
 
 def build_report(cfg: FinetuneConfig, run: RunState, final: dict, after: dict, tokens_per_step: int, backend: str,
-                 ckpt: str, device: torch.device) -> dict:
-    """The run's report (``report.json``; agip/report.py draws and writes it)."""
+                 ckpt: str, device: torch.device, loss_fn=None) -> dict:
+    """The run's report (``report.json``; agip/report.py draws and writes it); ``loss_fn``:
+    the run's :class:`agip.distill.DistillLoss`, if it distilled."""
     return {
         "config": dataclasses.asdict(cfg),
         "model": cfg.model, "dataset": cfg.dataset, "eval_split": cfg.eval_split,
@@ -335,6 +336,8 @@ def build_report(cfg: FinetuneConfig, run: RunState, final: dict, after: dict, t
         "train_tokens": tokens_per_step * cfg.steps, "backend": backend, "history": run.history, "checkpoint": ckpt,
         "peak_memory_bytes": peak_memory(),
         "bf16_products": precision.resolve(cfg.bf16_matmul, device) if cfg.bf16 else None,
+        # distilled: CE and KL in one pass over the logits (True), or the model's own CE beside the KL
+        "distill_ce_shared": loss_fn.fuses if loss_fn is not None else None,
     }
 
 
@@ -440,7 +443,7 @@ def finetune(cfg: FinetuneConfig, cache: Optional[EvalCache] = None) -> dict:
         after = ev.after()
         ckpt = save_run(cfg, run, model, tok, opt, sched, world)
         report = build_report(cfg, run, opt.sparsity_report(), after, tokens_per_step,
-                              opt.backend.__name__.rsplit(".", 1)[-1], ckpt, device)
+                              opt.backend.__name__.rsplit(".", 1)[-1], ckpt, device, loss_fn)
         report["export"] = export_run(cfg, ckpt) if rank == 0 else None
         if rank == 0:
             write_report(report, cfg.out)

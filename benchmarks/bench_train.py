@@ -85,6 +85,10 @@ def make_configs(model, backend: str, total_steps: int, distill: bool = False) -
                f"AGIP pruning every step (fisher of v_(t-1)), {backend}": pruning("previous")}
     if distill:  # distillation's cost: the teacher's forward pass and the KL over the vocabulary
         configs[f"AGIP (fisher) + distillation, KL, {backend}"] = pruning("current", distilled(kl=1.0))
+        # the same terms with the model's own CE beside the KL (two full-vocabulary passes, as
+        # every distilled study row before the one-pass CE + KL): what the shared pass saves
+        configs[f"AGIP (fisher) + distillation, KL, own CE, {backend}"] = pruning(
+            "current", distilled(kl=1.0, fuse_ce=False))
         configs[f"AGIP (fisher) + distillation, KL + SquareHead, {backend}"] = pruning(
             "current", distilled(kl=1.0, hidden=1.0))
     return configs

@@ -150,6 +150,7 @@ class Study:
                "tokens_per_s": rep["tokens_per_s"], "scored_tokens": rep["ppl_after"]["scored_tokens"],
                "ood_scored_tokens": rep["ood_after"]["scored_tokens"] if rep["ood_after"] else None,
                "seq_len": rep["ppl_after"]["seq_len"], "bf16_products": rep.get("bf16_products"),
+               "distill_ce_shared": rep.get("distill_ce_shared"),
                "cpu": cpu_name()}
         self.data["rows"].append(row)
         self.done[key] = row

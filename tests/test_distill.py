@@ -72,6 +72,80 @@ def test_kl_of_identical_logits_is_zero_and_pushes_nothing():
     assert abs(float(loss)) < 1e-6 and float(s.grad.abs().max()) < 1e-7
 
 
+def direct_ce(s, labels):
+    """The causal LM's own next-token cross-entropy (transformers' shift), in fp64."""
+    v = s.shape[-1]
+    return torch.nn.functional.cross_entropy(s.double()[:, :-1].reshape(-1, v), labels[:, 1:].reshape(-1),
+                                             ignore_index=distill.IGNORE_INDEX)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 1024])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_ce_kl_in_one_pass_equals_the_models_ce_plus_the_kl(chunk, T):
+    g = torch.Generator().manual_seed(5)
+    s = (torch.randn(2, 9, 60, generator=g) * 3).requires_grad_(True)
+    t = torch.randn(2, 9, 60, generator=g) * 3
+    labels = torch.randint(0, 60, (2, 9), generator=g)
+    labels[0, 4] = distill.IGNORE_INDEX  # a label without a term: the position before it has no CE
+    total, ce, kl = distill.ce_kl(s, t, labels, T, ce=0.7, kl=1.3, chunk_tokens=chunk)
+    total.backward()
+    s2 = s.detach().double().requires_grad_(True)
+    ref_ce, ref_kl = direct_ce(s2, labels), direct_kl(s2, t, T)
+    (0.7 * ref_ce + 1.3 * ref_kl).backward()
+    assert float(ce) == pytest.approx(float(ref_ce), rel=1e-6) and float(kl) == pytest.approx(float(ref_kl), rel=1e-6)
+    assert float(total.detach()) == pytest.approx(0.7 * float(ref_ce) + 1.3 * float(ref_kl), rel=1e-6)
+    assert torch.allclose(s.grad.double(), s2.grad, atol=1e-7, rtol=1e-4)
+    assert not ce.requires_grad and not kl.requires_grad  # the terms are for the record; the sum trains
+
+
+def test_ce_kl_gradient_is_bit_identical_for_every_chunk_size_and_refuses_bad_input():
+    g = torch.Generator().manual_seed(6)
+    s = (torch.randn(3, 11, 97, generator=g) * 4).to(torch.bfloat16).requires_grad_(True)
+    t = (torch.randn(3, 11, 97, generator=g) * 4).to(torch.bfloat16)
+    labels = torch.randint(0, 97, (3, 11), generator=g)
+    grads = []
+    for chunk in (None, 1, 5, 1024):
+        distill.ce_kl(s, t, labels, 1.0, chunk_tokens=chunk)[0].backward()
+        grads.append(s.grad.clone())
+        s.grad = None
+    assert grads[0].dtype == torch.bfloat16 and all(torch.equal(grads[0], gr) for gr in grads[1:])
+    with pytest.raises(ValueError, match="no position has a next-token label"):
+        distill.ce_kl(s, t, torch.full_like(labels, distill.IGNORE_INDEX))
+    with pytest.raises(ValueError, match="labels"):
+        distill.ce_kl(s, t, labels[:, :-1])
+    with pytest.raises(ValueError, match="ce > 0"):
+        distill.ce_kl(s, t, labels, ce=0.0)
+    with pytest.raises(ValueError, match="differ"):
+        distill.ce_kl(s, t[:, :-1], labels)
+
+
+def test_distill_loss_fused_and_unfused_agree(gpt2_dir):
+    # fuse_ce (the default): CE from the KL's chunks, the model called without labels; False:
+    # the model's own CE beside kl_div (the path of the distilled rows recorded before it)
+    model = transformers.AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    with torch.no_grad():  # a student unlike its teacher, so that the KL pushes
+        for p in model.parameters():
+            p.mul_(0.8)
+    teacher = distill.load_teacher(transformers.AutoModelForCausalLM.from_pretrained(gpt2_dir), dtype=torch.float32)
+    x = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(4))
+    grads, lasts = [], []
+    for fuse in (True, False):
+        fn = distill.DistillLoss(teacher, ce=0.5, kl=1.0, hidden=1.0, fuse_ce=fuse)
+        assert fn.fuses == fuse
+        fn(model, x).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        lasts.append(fn.last)
+        model.zero_grad()
+    assert lasts[0].keys() == lasts[1].keys() == {"ce", "kl", "hidden", "loss"}
+    for k in lasts[0]:
+        assert lasts[0][k] == pytest.approx(lasts[1][k], rel=1e-5), k
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    assert not distill.DistillLoss(teacher, ce=1.0, kl=0.0, hidden=1.0).fuses  # no KL: the model's own CE
+    with pytest.raises(ValueError, match="no loss for the CE term"):
+        distill.DistillLoss(teacher, kl=1.0, fuse_ce=False).loss(model(x), teacher(x))
+
+
 def test_squarehead_is_the_normalised_mse_averaged_over_blocks():
     g = torch.Generator().manual_seed(2)
     hs = [torch.randn(2, 5, 8, generator=g) for _ in range(4)]
