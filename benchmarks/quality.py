@@ -365,10 +365,12 @@ def main(argv=None):
     if args.default_from:  # take another budget's choices instead of running lr and select here
         with open(args.default_from) as f:
             chosen = json.load(f)["choices"]
-        study.data["choices"].setdefault("lr", args.lr or chosen["lr"])
+        # they replace this study's copies: a choice made there later (a 2:4 mode chosen after
+        # this grid first ran) is the one this grid runs; rows recorded keep their labels
+        study.data["choices"]["lr"] = args.lr or chosen["lr"]
         for what in ("default", "nm", "distill"):
             if what in chosen:
-                study.data["choices"].setdefault(what, chosen[what])
+                study.data["choices"][what] = chosen[what]
     if not args.report_only:
         lr = study.data["choices"].get("lr") or (study.choose_lr() if "lr" in args.phase else None)
         if lr is None:
