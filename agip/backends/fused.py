@@ -60,10 +60,12 @@ WINDOW_UP, WINDOW_MARGIN = 128, 16
 # narrower band of first-digit bins, where theta's last move predicts it (BAND_MARGIN
 # around [half the move, 1.5 times it]); if theta's first digit lands there, its second
 # digit comes from those keys instead of a refine pass over the buckets. The buffer holds
-# up to an eighth of the prunable entries (int32: 0.5 B per prunable parameter); more keys
-# than that, or theta outside the band, and the refine pass runs as before.
+# up to a quarter of the prunable entries (int32: 1 B per prunable parameter: with an eighth,
+# a steep ramp's band overflowed on 3 of 7 steps and each ran a refine pass, on a Zen 5
+# 1.36-1.40x fused AdamW + clip against 1.01-1.07x); more keys than that, or theta outside
+# the band, and the refine pass runs as before.
 BAND_MARGIN = 8
-CANDIDATE_SHARE, CANDIDATE_MIN = 8, 1 << 12
+CANDIDATE_SHARE, CANDIDATE_MIN = 4, 1 << 12
 
 
 class _Lump(Exception):
