@@ -97,6 +97,7 @@ def default_chunk_tokens(device) -> int:
 
 
 def check_logits(fn: str, student_logits, teacher_logits, temperature, chunk_tokens) -> None:
+    """Refuses, naming ``fn``, logits of different shapes, a temperature <= 0 and a bad chunk size."""
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"{fn}: the student's logits {tuple(student_logits.shape)} and the teacher's "
                          f"{tuple(teacher_logits.shape)} differ: the teacher needs the student's vocabulary "
