@@ -118,6 +118,9 @@ def main(argv=None):
     ap.add_argument("--backends", nargs="+", help="default: every backend that runs on the device")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--cubic-steps", type=int, default=24,
+                    help="length of the cubic ramp of the non-exp pruning rows (default 24: the ramp of the "
+                         "first published figures, --reps 9); shorter is steeper (theta moves further a step)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_step-<device>.json)")
     ap.add_argument("--kinds", nargs="+", choices=sorted(KINDS), default=list(KINDS),
                     help="which AGIP steps to time (each holds a model-sized state: fewer kinds, less memory)")
@@ -129,6 +132,10 @@ def main(argv=None):
     names = args.backends or [b for b in backends.available() if runs_on(b, device)]
     if args.reps < 1 or args.warmup < 0:
         sys.exit("--reps must be >= 1 and --warmup >= 0")
+    if args.warmup + args.reps + 1 >= args.cubic_steps:
+        # the ramp must still climb at the last call, or the last pruning steps prune nothing new
+        sys.exit(f"--cubic-steps {args.cubic_steps} ends before the last of the {args.warmup + args.reps + 1} calls: "
+                 f"pass --cubic-steps > warmup + reps + 1 or fewer --reps")
 
     rows = []
     for size in sizes:
@@ -145,7 +152,6 @@ def main(argv=None):
         configs[("torch-fused-adamw+clip", "step")] = base_step
         n_params = sum(p.numel() for p in base_params)
         n_prunable = sum(p.numel() for p in base_params[: len(prunable_shapes)])
-        calls = args.warmup + args.reps + 1
         opts = {}
         for name in names:
             for kind in args.kinds:
@@ -155,9 +161,10 @@ def main(argv=None):
                           {"params": params[len(prunable_shapes):], "weight_decay": 0.0}]
                 # a cubic ramp to 50% that is still climbing at the last timed call (every
                 # pruning step prunes new entries above the previous theta), or the start of
-                # the study's exponential ramp (T = 100: tau = 15 steps)
+                # the study's exponential ramp (T = 100: tau = 15 steps). The ramp's length is
+                # fixed, not tied to --reps: before, 2 x calls made it steeper with fewer reps
                 opt = agip.AGIP(groups, target_sparsity=0.5, schedule=shape,
-                                total_steps=2 * calls if shape == "cubic" else 100, warmup_steps=0,
+                                total_steps=args.cubic_steps if shape == "cubic" else 100, warmup_steps=0,
                                 prune_interval=interval, saliency=saliency, fisher_moment=moment, ta_gamma=0.0,
                                 stability=False, backend=name)
                 opt._score_ahead = opt._score_ahead and ahead
@@ -203,7 +210,8 @@ def main(argv=None):
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"bench_step-{device.type}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
-        json.dump({"device": device_name(device), "torch": torch.__version__, "reps": args.reps,
+        json.dump({"device": device_name(device), "torch": torch.__version__, "reps": args.reps, "warmup": args.warmup,
+                   "cubic_steps": args.cubic_steps,
                    "bytes_per_param": BYTES, "rows": rows}, f, indent=2)
     print(f"wrote {out}")
     return rows

@@ -26,6 +26,18 @@ def test_bench_step_writes_table_and_json(tmp_path):
         "prune-fisher-prev-pass-a", "prune-first")}
     assert all(r["median_ms"] > 0 for r in data["rows"])
     assert data["device"]
+    assert data["cubic_steps"] == 24  # the ramp's length is fixed, not 2 x calls
+
+
+def test_bench_step_refuses_a_ramp_that_ends_before_the_last_call(tmp_path):
+    res = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_step.py"), "--device", "cpu", "--sizes", "0.2",
+         "--reps", "5", "--warmup", "2", "--cubic-steps", "8", "--out", str(tmp_path / "s.json")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert res.returncode != 0
+    assert "--cubic-steps 8 ends before the last of the 8 calls" in res.stderr
+    assert not (tmp_path / "s.json").exists()
 
 
 @pytest.mark.integration
