@@ -106,9 +106,10 @@ def test_bench_train_with_distillation_and_memory(gpt2_dir, corpus_dir, tmp_path
     assert res.returncode == 0, res.stdout + res.stderr
     data = json.loads(out.read_text())
     rows = {r["config"]: r for r in data["rows"]}
-    assert len(rows) == 6 and all(r["tokens_per_s"] > 0 and r["peak_memory_bytes"] > 0 for r in rows.values())
+    assert len(rows) == 7 and all(r["tokens_per_s"] > 0 and r["peak_memory_bytes"] > 0 for r in rows.values())
     assert any("KL + SquareHead" in name for name in rows) and "peak mem GB" in res.stdout
-    # each child's own peak, not the parent's (which held all six copies): ru_maxrss, kept across
+    assert any("own CE" in name for name in rows)  # the unfused CE beside the KL, for its cost
+    # each child's own peak, not the parent's (which held all seven copies): ru_maxrss, kept across
     # fork + exec, once reported the parent's peak for every row
     assert all(r["peak_memory_bytes"] < data["peak_memory_bytes_all"] for r in rows.values())
 
