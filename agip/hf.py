@@ -25,30 +25,60 @@ teacher's KL and SquareHead terms beside the cross-entropy; docs/algorithm.md §
 """
 from __future__ import annotations
 
+import weakref
+
+import torch
+
+
+# the optimizer each attached model records its loss on: agip.hf.distill's fused pass calls
+# the model without labels (no loss for the hook to see) and records its CE here instead
+_ATTACHED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class AttachHandle:
+    """What :func:`attach` returns: ``remove()`` detaches the hook (as torch's handles)."""
+
+    def __init__(self, model, hook_handle):
+        self._model, self._hook = weakref.ref(model), hook_handle
+
+    def remove(self) -> None:
+        self._hook.remove()
+        model = self._model()
+        if model is not None:
+            _ATTACHED.pop(model, None)
+
 
 def attach(model, optimizer):
     """Record the model's training loss on ``optimizer`` after every forward pass.
 
-    Returns the hook handle (``handle.remove()`` detaches it). Forward passes in eval
-    mode, or without labels (no ``loss`` in the output), record nothing.
+    Returns a handle (``handle.remove()`` detaches it). Forward passes in eval mode, or
+    without labels (no ``loss`` in the output), record nothing; under :func:`distill`'s
+    fused pass the cross-entropy it computes is recorded instead.
     """
     if not hasattr(optimizer, "record_loss"):
         raise TypeError(f"attach needs an agip.AGIP or agip.TAAdamW optimizer, got {type(optimizer).__name__}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"attach needs the model (a torch.nn.Module), got {type(model).__name__}")
 
     def hook(module, args, output):
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if module.training and loss is not None:
             optimizer.record_loss(loss)
 
-    return model.register_forward_hook(hook)
+    _ATTACHED[model] = optimizer
+    return AttachHandle(model, model.register_forward_hook(hook))
 
 
 def distill(trainer, loss):
     """Replace ``trainer.compute_loss`` (a ``transformers.Trainer``) by the distillation loss
-    ``loss`` (an :class:`agip.distill.DistillLoss`; docs/algorithm.md §7): the model's own
-    cross-entropy (from the batch's ``labels``) weighted by ``loss.ce``, plus the teacher's
-    terms. The teacher follows the batch to its device. With :func:`attach`, AGIP's E_t is
-    the cross-entropy the model returns (the hook sees the model's output, not the total)."""
+    ``loss`` (an :class:`agip.distill.DistillLoss`; docs/algorithm.md §7): the cross-entropy
+    of the batch's ``labels`` weighted by ``loss.ce``, plus the teacher's terms. With CE and
+    KL both on (``loss.fuses``) they come from one chunked pass over the logits, the model
+    called without labels (its own loss would make an fp32 copy of them; ``fuse_ce=False``
+    keeps the model's own CE). The teacher follows the batch to its device. With
+    :func:`attach`, AGIP's E_t is the cross-entropy (the model's own, or the fused pass's),
+    not the total. The loss is a mean over each micro-batch's tokens: ``Trainer`` divides it
+    by the gradient-accumulation steps (``trainer.model_accepts_loss_kwargs`` is set False)."""
     from .distill import DistillLoss
 
     if not isinstance(loss, DistillLoss):
@@ -56,16 +86,29 @@ def distill(trainer, loss):
     if not callable(getattr(trainer, "compute_loss", None)):
         raise TypeError(f"distill needs a transformers.Trainer, got {type(trainer).__name__}")
 
+    def unwrap(model):
+        accelerator = getattr(trainer, "accelerator", None)
+        return accelerator.unwrap_model(model) if accelerator is not None else getattr(model, "module", model)
+
     def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
         if loss.ce > 0 and "labels" not in inputs:
             raise ValueError("agip.hf.distill: the batch has no 'labels', which the cross-entropy term needs "
                              "(a causal LM's collator sets labels = input_ids), or build the loss with ce=0")
-        student = model(**inputs, output_hidden_states=loss.hidden > 0)
+        fused = loss.fuses
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"} if fused else inputs
+        student = model(**model_inputs, output_hidden_states=loss.hidden > 0)
         ids = inputs["input_ids"]
         loss.teacher.to(ids.device)
         teacher = loss.teacher_out(ids, attention_mask=inputs.get("attention_mask"))
-        total = loss.loss(student, teacher)  # the model computed its own CE (labels in the batch)
+        total = loss.loss(student, teacher, labels=inputs["labels"] if fused else None)
+        if fused and model.training:  # the hook of attach saw no loss: hand it this CE
+            optimizer = _ATTACHED.get(unwrap(model))
+            if optimizer is not None:
+                optimizer.record_loss(loss.last["ce"])
         return (total, student) if return_outputs else total
 
     trainer.compute_loss = compute_loss
+    # a per-micro-batch mean (num_items_in_batch is not used): let Trainer divide by the
+    # accumulation steps, as it does for a model that takes no loss kwargs
+    trainer.model_accepts_loss_kwargs = False
     return trainer

@@ -20,10 +20,13 @@ class Blocks(torch.utils.data.Dataset):
         return {"input_ids": self.x[i], "labels": self.x[i]}
 
 
-def tiny_gpt2():
+def tiny_gpt2(dropout=0.1):
+    """A 2-layer GPT-2, seed 0 (``dropout=0``: the same forward in every run, for comparisons)."""
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=101,
-                                                                n_positions=32, bos_token_id=0, eos_token_id=0))
+                                                                n_positions=32, bos_token_id=0, eos_token_id=0,
+                                                                resid_pdrop=dropout, embd_pdrop=dropout,
+                                                                attn_pdrop=dropout))
 
 
 def make_trainer(tmp_path, model, opt, T):
@@ -83,11 +86,68 @@ def test_trainer_distils_through_agip_hf_distill(tmp_path):
     opt = agip.AGIP(agip.param_groups(model), lr=1e-3, target_sparsity=0.5, total_steps=T)
     loss = agip.distill.DistillLoss(agip.distill.load_teacher("start", model, dtype=torch.float32), ce=1.0, kl=1.0,
                                     hidden=1.0)
+    handle = agip.hf.attach(model, opt)
+    seen = []  # the student's own loss in training mode: None, CE and KL come from the fused pass
+    model.register_forward_hook(lambda m, a, out: seen.append(out.loss) if m.training else None)
     trainer = agip.hf.distill(make_trainer(tmp_path, model, opt, T), loss)
     result = trainer.train()
+    assert loss.fuses and len(seen) == T and all(x is None for x in seen)
     # the last step's terms: the pruned student now differs from its start, so KL and SquareHead are on
     assert loss.last["kl"] > 0 and loss.last["hidden"] > 0
     assert loss.last["loss"] == pytest.approx(loss.last["ce"] + loss.last["kl"] + loss.last["hidden"], rel=1e-6)
     assert result.training_loss > 0 and opt.sparsity_report()["sparsity_prunable"] == pytest.approx(0.5, abs=1e-3)
+    # AGIP's E_t is the fused pass's cross-entropy (the hook of attach saw no loss), one a step
+    assert len(opt.schedule.losses) == T and opt.schedule.losses[-1] == pytest.approx(loss.last["ce"], rel=1e-6)
+    handle.remove()
+    assert model not in agip.hf._ATTACHED
     with pytest.raises(TypeError, match="DistillLoss"):
         agip.hf.distill(trainer, lambda m, x: 0)
+
+
+def test_hf_distill_fused_pass_matches_the_models_own_cross_entropy(tmp_path):
+    """One Trainer step with CE and KL in one pass equals the step with the model's own CE
+    beside the KL (fuse_ce=False): the same terms, the same weights after."""
+    import agip.distill
+
+    results = []
+    for fuse in (True, False):
+        model = tiny_gpt2(dropout=0.0)
+        teacher = tiny_gpt2(dropout=0.0)  # the same start: a KL of zero would test nothing, so perturb the teacher
+        with torch.no_grad():
+            for p in teacher.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        loss = agip.distill.DistillLoss(teacher.eval().requires_grad_(False), ce=1.0, kl=1.0, fuse_ce=fuse)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        agip.hf.distill(make_trainer(tmp_path / str(fuse), model, opt, 1), loss).train()
+        results.append((dict(loss.last), [p.detach().clone() for p in model.parameters()]))
+    (fused, w_fused), (own, w_own) = results
+    assert fused["kl"] > 0
+    for k in ("ce", "kl", "loss"):
+        assert fused[k] == pytest.approx(own[k], rel=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(w_fused, w_own))
+
+
+def test_hf_distill_divides_by_gradient_accumulation(tmp_path):
+    """4 sequences in one batch and 2 x 2 with gradient accumulation take the same SGD step:
+    distill's loss is a per-micro-batch mean, which Trainer must divide by the accumulation
+    steps (SGD, unlike Adam, shows it: without that, the second step was twice the first)."""
+    import agip.distill
+
+    weights = []
+    for batch, accumulate in ((4, 1), (2, 2)):
+        model = tiny_gpt2(dropout=0.0)
+        loss = agip.distill.DistillLoss(agip.distill.load_teacher("start", model, dtype=torch.float32), ce=1.0,
+                                        kl=1.0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(batch)), max_steps=1, per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulate, max_grad_norm=0.0, report_to=[], save_strategy="no",
+            logging_strategy="no", use_cpu=True, disable_tqdm=True)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=Blocks(), optimizers=(opt, sched))
+        agip.hf.distill(trainer, loss).train()
+        weights.append([p.detach().clone() for p in model.parameters()])
+    start = [p.detach() for p in tiny_gpt2(dropout=0.0).parameters()]
+    moved = max(float((a - b).abs().max()) for a, b in zip(weights[0], start))
+    assert moved > 1e-3  # the step did something
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(*weights))
