@@ -3,7 +3,8 @@
 ``Trainer`` calls ``optimizer.step()`` without arguments, but AGIP needs the loss (the
 terminal-attractor term and the stability factor). :func:`attach` registers a forward
 hook on the model that hands every training-mode loss to
-:meth:`agip.AGIP.record_loss`; the next ``step()`` uses their mean::
+:meth:`agip.AGIP.record_loss`; the next ``step()`` uses their mean over the step's
+tokens (also where ``Trainer`` divided each by the whole step's ``num_items_in_batch``)::
 
     model = AutoModelForCausalLM.from_pretrained(...)
     opt = agip.AGIP(agip.param_groups(model), lr=5e-5, target_sparsity=0.3, total_steps=T)
@@ -26,8 +27,11 @@ teacher's KL and SquareHead terms beside the cross-entropy; docs/algorithm.md §
 from __future__ import annotations
 
 import weakref
+from typing import Optional
 
 import torch
+
+from .distill import IGNORE_INDEX
 
 
 # the optimizer each attached model records its loss on: agip.hf.distill's fused pass calls
@@ -48,6 +52,23 @@ class AttachHandle:
             _ATTACHED.pop(model, None)
 
 
+def loss_tokens(model, kwargs) -> Optional[int]:
+    """How many tokens a transformers model's loss sums over in this forward call: the
+    labels that are not -100, shifted by one for a causal LM's loss (or ``shift_labels``
+    as given); None without labels."""
+    shifted = kwargs.get("shift_labels")
+    if shifted is not None:
+        return int((shifted != IGNORE_INDEX).sum())
+    labels = kwargs.get("labels")
+    if not isinstance(labels, torch.Tensor):
+        return None
+    config = getattr(model, "config", None)
+    loss_fn = getattr(model, "loss_function", None)  # transformers' models: the loss forward calls
+    causal = not getattr(config, "is_encoder_decoder", False) and \
+        getattr(loss_fn, "__name__", "ForCausalLMLoss") == "ForCausalLMLoss"
+    return int(((labels[..., 1:] if causal else labels) != IGNORE_INDEX).sum())
+
+
 def attach(model, optimizer):
     """Record the model's training loss on ``optimizer`` after every forward pass.
 
@@ -60,13 +81,23 @@ def attach(model, optimizer):
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"attach needs the model (a torch.nn.Module), got {type(model).__name__}")
 
-    def hook(module, args, output):
+    def hook(module, args, kwargs, output):
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
-        if module.training and loss is not None:
+        if not (module.training and loss is not None):
+            return
+        items = kwargs.get("num_items_in_batch")
+        tokens = loss_tokens(module, kwargs) if items is not None else None
+        if tokens:
+            # Trainer passed num_items_in_batch (gradient accumulation, several ranks): the
+            # loss is this micro-batch's summed loss over the whole step's count (of every
+            # rank, with average_tokens_across_devices), not a mean of its own; back to its
+            # own mean, weighted by its tokens: E_t is then the step's mean over its tokens
+            optimizer.record_loss(float(loss.detach()) * float(items) / tokens, tokens=tokens)
+        else:
             optimizer.record_loss(loss)
 
     _ATTACHED[model] = optimizer
-    return AttachHandle(model, model.register_forward_hook(hook))
+    return AttachHandle(model, model.register_forward_hook(hook, with_kwargs=True))
 
 
 def distill(trainer, loss):

@@ -90,10 +90,12 @@ class TAAdamW(torch.optim.Optimizer):
             need(p.requires_grad, f"a parameter with requires_grad=False was given{where}: leave frozen parameters "
                  "out of the optimizer (agip.param_groups does)")
 
-    def record_loss(self, loss) -> None:
+    def record_loss(self, loss, *, tokens: Optional[int] = None) -> None:
         """Remember a (micro-batch) loss for the next ``step()`` called without ``loss=``
-        (for ``transformers.Trainer``, see :func:`agip.hf.attach`; docs/algorithm.md §0)."""
-        self._losses.record(loss)
+        (for ``transformers.Trainer``, see :func:`agip.hf.attach`; docs/algorithm.md §0):
+        the step takes their mean as E_t, weighted by ``tokens`` (how many tokens each loss
+        is a mean over) when they come with it."""
+        self._losses.record(loss, tokens)
 
     # --- the step -------------------------------------------------------------------
     @torch.no_grad()

@@ -82,20 +82,34 @@ def as_float(loss, what: str = "loss") -> float:
 class LossWindow:
     """The losses recorded since the last step (``record_loss``; for trainers that call
     ``step()`` themselves): a step without ``loss=`` uses their mean, which is E_t under
-    gradient accumulation (docs/algorithm.md §0)."""
+    gradient accumulation (docs/algorithm.md §0) — weighted by the tokens each is a mean
+    over when they come with ``tokens``."""
 
     def __init__(self):
         self.recorded: List[float] = []
+        self.tokens: List[Optional[int]] = []
 
-    def record(self, loss) -> None:
+    def record(self, loss, tokens: Optional[int] = None) -> None:
+        if tokens is not None and not (isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0):
+            raise ValueError(f"record_loss's tokens must be a positive int (the tokens the loss is a mean over), "
+                             f"got {tokens!r}")
+        if self.tokens and (tokens is None) != (self.tokens[0] is None):
+            self.recorded, self.tokens = [], []
+            raise ValueError("record_loss: a step's losses must all come with tokens= or all without, not a "
+                             "mix; the step's recorded losses were dropped")
         self.recorded.append(as_float(loss, "record_loss's loss"))
+        self.tokens.append(tokens)
 
     def take(self, loss, config) -> Optional[float]:
-        """E_t for this step: ``loss`` if given, else the recorded mean; None when neither is
-        there and the step can do without (raises when it cannot). Empties the window."""
+        """E_t for this step: ``loss`` if given, else the recorded (token-weighted) mean;
+        None when neither is there and the step can do without (raises when it cannot).
+        Empties the window."""
         if loss is None and self.recorded:
-            loss = sum(self.recorded) / len(self.recorded)
-        self.recorded = []
+            if self.tokens[0] is None:
+                loss = sum(self.recorded) / len(self.recorded)
+            else:
+                loss = sum(x * n for x, n in zip(self.recorded, self.tokens)) / sum(self.tokens)
+        self.recorded, self.tokens = [], []
         if loss is not None:
             return as_float(loss)
         if config.needs_loss():

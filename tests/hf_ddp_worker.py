@@ -41,6 +41,9 @@ def main(out: str) -> None:
     model = transformers.GPT2LMHeadModel(cfg)
     opt = agip.AGIP(agip.param_groups(model), preset="thesis", lr=1e-3, target_sparsity=0.4, total_steps=T)
     agip.hf.attach(model, opt)
+    from test_hf import first_step_loss  # (this folder is the script's: first on sys.path)
+
+    first = first_step_loss(model)  # this rank's first batch's mean cross-entropy
     args = transformers.TrainingArguments(
         output_dir=os.path.dirname(out), max_steps=T, per_device_train_batch_size=4, max_grad_norm=0.0,
         report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
@@ -51,8 +54,11 @@ def main(out: str) -> None:
 
     masks = {n: opt.state[p]["mask"].clone() for g in opt.param_groups for n, p in zip(g["param_names"], g["params"])
              if "mask" in opt.state[p]}
+    first_loss = torch.tensor(first["loss"], dtype=torch.float64)
+    dist.all_reduce(first_loss)  # the ranks' batches have as many tokens: E_1 is the mean of their means
     torch.save({"weights": {n: p.detach().clone() for n, p in model.named_parameters()}, "masks": masks,
-                "losses": list(opt.schedule.losses), "report": opt.sparsity_report(), "world": opt.comm.world},
+                "losses": list(opt.schedule.losses), "report": opt.sparsity_report(), "world": opt.comm.world,
+                "first_loss": float(first_loss) / dist.get_world_size()},
                f"{out}.{dist.get_rank()}")
     teardown(True)  # the ranks leave the group together
 

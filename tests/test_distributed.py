@@ -141,12 +141,15 @@ def test_fsdp_needs_several_processes(gpt2_dir, corpus_dir, tmp_path):
 @pytest.mark.integration
 def test_trainer_under_accelerate_ddp(tmp_path):
     """transformers.Trainer (accelerate's DDP, 2 processes): both ranks see the mean loss
-    over ranks and keep identical weights and masks, pruned to the target."""
+    over both ranks' tokens and keep identical weights and masks, pruned to the target."""
     out = str(tmp_path / "hf")
     torchrun(os.path.join(HERE, "hf_ddp_worker.py"), out)
     r0, r1 = torch.load(out + ".0"), torch.load(out + ".1")
     assert r0["world"] == r1["world"] == 2
     assert r0["losses"] == r1["losses"] and len(r0["losses"]) == 6
+    # E_1 is the mean cross-entropy over both ranks' tokens (it was half of it: each rank's
+    # loss divided by both ranks' num_items_in_batch)
+    assert r0["losses"][0] == pytest.approx(r0["first_loss"], rel=1e-5)
     assert r0["masks"].keys() == r1["masks"].keys()
     for name in r0["masks"]:
         assert torch.equal(r0["masks"][name], r1["masks"][name])
