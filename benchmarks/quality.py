@@ -17,7 +17,9 @@ budget (the same steps, tokens, LR schedule and seed for every method), in phase
    larger learning rates of LRS_24 (seed 0): a 2:4 model starts far more damaged than an
    unstructured one, so the lr dense fine-tuning chose may be too small for it. Each method
    gets the lr that measures best on validation in a table of its own; the grid keeps the
-   study's lr for every row.
+   study's lr for every row;
+7. ``lr50``: the same for the unstructured rows that lead at 50% (the default, Wanda + FT,
+   PLATON, SparseGPT + FT).
 
 Every run also measures the test splits of wiki-mini and of the out-of-domain ``pydoc``
 corpus (never trained on). Results go to ``study-<steps>.json`` after every run, and a run
@@ -97,7 +99,7 @@ DISTILL_CANDIDATES = [
 # the lr24 phase's learning rates, beside the study's (4e-4: 2e-4 measured best for every 2:4
 # method, at the edge of the grid)
 LRS_24 = (2e-4, 4e-4)
-PHASES = ("lr", "select", "nm", "distill", "grid", "lr24")
+PHASES = ("lr", "select", "nm", "distill", "grid", "lr24", "lr50")
 DENSE_TEACHER = "dense-ft"  # a row's teacher: the study's dense fine-tuned model (one dense run, kept)
 
 
@@ -327,10 +329,26 @@ class Study:
             rows.insert(0, (f"AGIP 2:4 ({nm_choice['label']})", "agip", nm_choice["overrides"]))
         if importlib.util.find_spec("llmcompressor") is not None:
             rows.append(("SparseGPT + FT (llmcompressor), 2:4", "sparsegpt", {"sparsity_pattern": "2:4"}))
+        self.run_lrs(rows, lr, "lr24")
+
+    def flat_lrs(self, lr, default_label, default_overrides):
+        """The lr50 phase: the unstructured rows at 50% that lead the grid (the default, Wanda
+        + FT, PLATON, SparseGPT + FT where llmcompressor is installed) at each lr of LRS_24,
+        seed 0, as the lr24 phase does for 2:4: is the study's lr, dense fine-tuning's, too
+        small for a pruned model?"""
+        rows = [(f"AGIP default ({default_label})", "agip", default_overrides), ("Wanda + FT", "wanda", {}),
+                ("PLATON (Ī·Ū, GMP's cubic ramp, masks every step)", "platon", {})]
+        if importlib.util.find_spec("llmcompressor") is not None:
+            rows.append(("SparseGPT + FT (llmcompressor)", "sparsegpt", {}))
+        self.run_lrs(rows, lr, "lr50")
+
+    def run_lrs(self, rows, lr, phase):
+        """Each of ``rows`` (label, method, overrides) at 50%, seed 0, at the study's lr (the
+        grid's run: the same key, not run twice) and at each lr of LRS_24 (phase ``phase``)."""
         for label, method, ov in rows:
             if self.wanted(label, 0):
                 for x in sorted({lr, *LRS_24}):
-                    self.run(label, method, ov, 0.5, 0, x, "grid" if x == lr else "lr24")
+                    self.run(label, method, ov, 0.5, 0, x, "grid" if x == lr else phase)
 
 
 def main(argv=None):
@@ -391,6 +409,8 @@ def main(argv=None):
             study.grid(lr, label, ov)
         if "lr24" in args.phase and 0.5 in args.targets:
             study.nm_lrs(lr)
+        if "lr50" in args.phase and 0.5 in args.targets:
+            study.flat_lrs(lr, label, ov)
     write_outputs(study.data, args.out, args.steps)
 
 
@@ -503,18 +523,25 @@ def write_outputs(data, out, steps):
 
 
 def lr24_lines(data, ood) -> list:
-    """The lr24 phase's table: each 2:4 method at 50% (seed 0) at every lr measured, the one
+    """The lr24 and lr50 phases' tables (:func:`lr_lines`)."""
+    return (lr_lines(data, ood, "lr24", "2:4 at 50%, seed 0: each method at every lr measured (the lr24 phase")
+            + lr_lines(data, ood, "lr50", "Unstructured 50%, seed 0: each method at every lr measured (the lr50 "
+                                          "phase"))
+
+
+def lr_lines(data, ood, phase, title) -> list:
+    """A phase's lr table: each of its methods at 50% (seed 0) at every lr measured, the one
     with the best validation score (Study.val_score) marked; [] before the phase has run."""
-    labels = {r["label"] for r in data["rows"] if r["phase"] == "lr24"}
+    labels = {r["label"] for r in data["rows"] if r["phase"] == phase}
     by = {}
     for r in data["rows"]:
-        label = r["label"] if r["phase"] == "lr24" else grid_label(r, data)
+        label = r["label"] if r["phase"] == phase else grid_label(r, data)
         if label in labels and r["seed"] == 0 and r["target"] == 0.5:
             by.setdefault(label, {})[r["lr"]] = r
     if not by:
         return []
-    lines = ["", "2:4 at 50%, seed 0: each method at every lr measured (the lr24 phase; * = best on validation, "
-             "the geometric mean of wiki-mini's" + (f" and {ood}'s" if ood else "") + " validation perplexity):", "",
+    lines = ["", title + "; * = best on validation, the geometric mean of wiki-mini's"
+             + (f" and {ood}'s" if ood else "") + " validation perplexity):", "",
              "| method | lr | valid. ppl | " + (f"{ood} valid. ppl | " if ood else "") + "valid. score | test ppl | "
              + (f"{ood} test ppl |" if ood else ""), "|---|---|---|---|---|" + ("---|---|" if ood else "")]
     for label in sorted(by):

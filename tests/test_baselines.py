@@ -218,7 +218,8 @@ def test_quality_quick_runs_every_phase_and_resumes(gpt2_dir, corpus_dir, tmp_pa
     # not the study's (llmcompressor is not installed here: no SparseGPT row)
     n_nm, n_distill = len(quality.NM_CANDIDATES), len(quality.DISTILL_CANDIDATES)
     n_lr24 = 2 * len(set(quality.LRS_24) - {data["choices"]["lr"]})
-    assert len(rows) == 3 + 4 + n_nm + n_distill + 36 + n_lr24 and len({r["key"] for r in rows}) == len(rows)
+    n_lr50 = 3 * len(set(quality.LRS_24) - {data["choices"]["lr"]})  # the default, Wanda + FT, PLATON
+    assert len(rows) == 3 + 4 + n_nm + n_distill + 36 + n_lr24 + n_lr50 and len({r["key"] for r in rows}) == len(rows)
     assert set(data["choices"]) == {"lr", "default", "nm", "distill"}
     # candidates, 2 baselines, 2 seeds; distillation's candidates, 2 baselines, the dense teacher's row; lr24
     assert sum(1 for r in rows if r.get("sparsity_pattern") == "2:4") == n_nm + 2 + 2 + n_distill + 2 + 1 + n_lr24
@@ -226,6 +227,10 @@ def test_quality_quick_runs_every_phase_and_resumes(gpt2_dir, corpus_dir, tmp_pa
     assert len(lr24) == n_lr24 and {r["lr"] for r in lr24} <= set(quality.LRS_24)
     assert {r["label"] for r in lr24} == ({"Wanda + FT, 2:4", f"AGIP 2:4 ({data['choices']['nm']['label']})"}
                                           if n_lr24 else set())
+    lr50 = [r for r in rows if r["phase"] == "lr50"]
+    assert len(lr50) == n_lr50 and all(r["target"] == 0.5 and not r.get("sparsity_pattern") for r in lr50)
+    assert {r["label"] for r in lr50} == ({"Wanda + FT", f"AGIP default ({data['choices']['default']['label']})",
+                                           "PLATON (Ī·Ū, GMP's cubic ramp, masks every step)"} if n_lr50 else set())
     assert sum(1 for r in rows if r.get("distill_kl") or r.get("distill_hidden")) == n_distill + 8
     taught = [r for r in rows if r.get("teacher") == "dense-ft"]
     assert len(taught) == 1 and data["teacher"]["dense-ft"]["ppl_test"] > 0
@@ -240,6 +245,7 @@ def test_quality_quick_runs_every_phase_and_resumes(gpt2_dir, corpus_dir, tmp_pa
     report = (tmp_path / "study-2.md").read_text()
     assert report.count("\n|") >= 25
     assert ("the lr24 phase" in report) == bool(n_lr24)  # its table, one method per lr, the best marked
+    assert ("the lr50 phase" in report) == bool(n_lr50)
     assert (tmp_path / "study-2.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "study-2-density.png").read_bytes()[:4] == b"\x89PNG"  # default next to thesis
     assert (tmp_path / "study-2-bars.png").read_bytes()[:4] == b"\x89PNG"  # every method at the largest target
