@@ -14,10 +14,15 @@ losses (AGIP's one scalar all-reduce).
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 
 import torch
+
+# a rare SIGABRT ("terminate called without an active exception", once in ~20 runs of this
+# worker in a full test session) left no trace of where: dump every thread's stack on it
+faulthandler.enable()
 
 # this checkout's agip, its root off sys.path (tests/conftest.py says why)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
@@ -153,8 +158,10 @@ def main(out: str, *runs: str) -> None:
     for spec in runs:
         mode, backend, saliency, *flags = spec.split(":")
         results[spec] = run(mode, backend, saliency, flags, os.path.dirname(os.path.abspath(out)))
+        print(f"[rank {dist.get_rank()}] {spec} done", file=sys.stderr, flush=True)
     if dist.get_rank() == 0:
         torch.save(results, out)
+    print(f"[rank {dist.get_rank()}] saved; leaving the group", file=sys.stderr, flush=True)
     teardown(True)  # the ranks leave together: rank 1 destroying its group while rank 0 saved aborted it
 
 

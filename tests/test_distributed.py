@@ -23,7 +23,7 @@ def torchrun(*args, timeout=240):
     # cwd tests/: `-m agip.cli` puts the working folder on sys.path, and the checkout's root
     # there would shadow the PyPI package `kernels` (tests/conftest.py)
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-8000:]  # the workers' progress and stacks
     return res
 
 
