@@ -55,6 +55,9 @@ KINDS = {
     "prune-fisher-prev-pass-a": (1, "fisher", "previous", "cubic", False),
     "prune-first": (1, "fisher", "current", "cubic", True),
 }
+# the cubic rows' ramp length (the ramp of the first published figures, --reps 9) and the
+# warm-up calls before timing: a run makes warm-up + reps + 1 calls, all before the ramp's end
+CUBIC_STEPS, WARMUP = 24, 2
 HIDDEN, INTER, KV, VOCAB, LAYERS = 576, 1536, 192, 49152, 30
 LAYER_SHAPES = [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN),
                 (INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER)]
@@ -117,8 +120,8 @@ def main(argv=None):
     ap.add_argument("--sizes", type=float, nargs="+", help="parameter counts in millions")
     ap.add_argument("--backends", nargs="+", help="default: every backend that runs on the device")
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--cubic-steps", type=int, default=24,
+    ap.add_argument("--warmup", type=int, default=WARMUP)
+    ap.add_argument("--cubic-steps", type=int, default=CUBIC_STEPS,
                     help="length of the cubic ramp of the non-exp pruning rows (default 24: the ramp of the "
                          "first published figures, --reps 9); shorter is steeper (theta moves further a step)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_step-<device>.json)")

@@ -51,10 +51,11 @@ def main(argv=None) -> int:
         tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
         print(proc.stdout[-3000:])
         result["tests"] = {"returncode": proc.returncode, "summary": tail, "seconds": round(time.time() - t0, 1)}
-    # the cubic rows' ramp: bench_step's 24 steps, longer only when the calls outnumber them
-    # (warm-up 2 + reps + 1 must fall before the ramp's end)
+    # the cubic rows' ramp: bench_step's, longer only when the calls (warm-up + reps + 1)
+    # would reach its end
+    cubic = max(bench_step.CUBIC_STEPS, bench_step.WARMUP + args.reps + 2)
     step_rows = bench_step.main(["--device", "cuda", "--sizes", *map(str, args.sizes), "--reps", str(args.reps),
-                                 "--cubic-steps", str(max(24, args.reps + 4)),
+                                 "--cubic-steps", str(cubic),
                                  "--out", os.path.join(args.out, f"bench_step-{tag}.json")])
     thr_rows = bench_threshold.main(["--device", "cuda", "--reps", "5",
                                      "--out", os.path.join(args.out, f"bench_threshold-{tag}.json")])

@@ -467,7 +467,7 @@ def write_outputs(data, out, steps):
     for (label, target), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         lines.append(f"| {md(label)} | {target:.1f} | {len(rs)} | {mean(rs, 'ppl_test'):.3f} | "
                      + (f"{mean(rs, 'ood_test'):.3f} |" if ood else ""))
-    lines += lr24_lines(data, ood)
+    lines += lr_tables(data, ood)
     with open(os.path.join(out, f"study-{steps}.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
     keys = [("ppl_test", "wiki-mini test")] + ([("ood_test", f"{ood} test (out of domain)")] if ood else [])
@@ -522,7 +522,7 @@ def write_outputs(data, out, steps):
     print(f"wrote {out}/study-{steps}.json, .md, .png")
 
 
-def lr24_lines(data, ood) -> list:
+def lr_tables(data, ood) -> list:
     """The lr24 and lr50 phases' tables (:func:`lr_lines`)."""
     return (lr_lines(data, ood, "lr24", "2:4 at 50%, seed 0: each method at every lr measured (the lr24 phase")
             + lr_lines(data, ood, "lr50", "Unstructured 50%, seed 0: each method at every lr measured (the lr50 "
