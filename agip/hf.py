@@ -87,14 +87,16 @@ def attach(model, optimizer):
             return
         items = kwargs.get("num_items_in_batch")
         tokens = loss_tokens(module, kwargs) if items is not None else None
-        if tokens:
+        if tokens is None:
+            optimizer.record_loss(loss)
+        elif tokens > 0:
             # Trainer passed num_items_in_batch (gradient accumulation, several ranks): the
             # loss is this micro-batch's summed loss over the whole step's count (of every
             # rank, with average_tokens_across_devices), not a mean of its own; back to its
             # own mean, weighted by its tokens: E_t is then the step's mean over its tokens
             optimizer.record_loss(float(loss.detach()) * float(items) / tokens, tokens=tokens)
-        else:
-            optimizer.record_loss(loss)
+        # (no counted token: the micro-batch adds nothing to the step's mean; recording its
+        # 0 without a count would have mixed with the counted ones, which record_loss refuses)
 
     _ATTACHED[model] = optimizer
     return AttachHandle(model, model.register_forward_hook(hook, with_kwargs=True))
