@@ -2,8 +2,10 @@
 
 Pure-Python install. The top-level folders ``kernels/`` (Triton kernels) and
 ``csrc/`` (C++ sources, compiled on first use) are installed as the subpackages
-``agip.kernels`` and ``agip.csrc``: a package named ``kernels``
-exists on PyPI, so it must never be importable as a top-level module.
+``agip.kernels`` and ``agip.csrc``. A package named ``kernels`` exists on PyPI (transformers
+imports it), so ``kernels/`` has no ``__init__.py``: in the checkout root it is only a
+namespace portion, never what ``import kernels`` finds (setuptools warns that the init file
+is missing; agip.backends.triton makes the package itself).
 """
 from setuptools import setup
 

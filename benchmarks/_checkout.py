@@ -1,9 +1,8 @@
 """Import the agip of the checkout these scripts live in (a study runs them from a git
 worktree of a fixed commit, beside an editable install of another checkout), without
-putting the checkout's root on ``sys.path``: its top-level ``kernels/`` folder would then
-shadow the PyPI package ``kernels``, which transformers probes for and imports (it needs
-triton, and is not that package). ``agip.csrc`` and ``agip.kernels`` come from the same
-checkout too (``agip.backends.source_dir``)."""
+putting the checkout's root on ``sys.path`` ahead of the installed packages.
+``agip.csrc`` and ``agip.kernels`` come from the same checkout too
+(``agip.backends.source_dir``)."""
 import importlib.util
 import os
 import sys

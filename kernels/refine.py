@@ -8,7 +8,7 @@ score, w (4 B) and for the Fisher score v (4 B) (+4 B with a saliency EMA): <= 1
 import triton
 import triton.language as tl
 
-from . import BLOCK, score
+from .common import BLOCK, score
 
 
 @triton.jit

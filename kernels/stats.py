@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import BLOCK, score
+from .common import BLOCK, score
 
 
 @triton.jit

@@ -14,7 +14,7 @@ per active prunable entry, no bytes read), so the next pruning step's pass A rea
 import triton
 import triton.language as tl
 
-from . import BLOCK, score
+from .common import BLOCK, score
 
 
 @triton.jit

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-# The checkout's root off sys.path (`python -m pytest` puts it first): its top-level kernels/
-# folder would shadow the PyPI package `kernels`, which transformers (>= 5.25 depends on it)
-# imports; this checkout's agip comes from benchmarks/_checkout.py instead.
+# This checkout's agip, from benchmarks/_checkout.py as the benchmarks import it (the root's
+# kernels/ no longer shadows the PyPI package `kernels`: tests/test_front_door.py checks the
+# root itself, in subprocesses started there).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))

@@ -20,9 +20,9 @@ RUNS = ["fsdp:cpp:fisher:resume:full", "fsdp:reference:taylor", "ddp:reference:f
 def torchrun(*args, timeout=240):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    # cwd tests/: `-m agip.cli` puts the working folder on sys.path, and the checkout's root
-    # there would shadow the PyPI package `kernels` (tests/conftest.py)
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE)
+    # cwd the checkout's root, where a user runs the README's torchrun command: `-m agip.cli`
+    # puts it on sys.path, so this checkout's agip is the one imported
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=os.path.dirname(HERE))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-8000:]  # the workers' progress and stacks
     return res
 

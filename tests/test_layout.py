@@ -129,7 +129,7 @@ def test_a_second_checkout_runs_its_own_kernels(tmp_path):
         shutil.copytree(os.path.join(ROOT, name), other / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(os.path.join(ROOT, "setup.py"), other / "setup.py")
     code = ("import agip, agip.backends as b; print(agip.__file__); print(b.source_dir('csrc')); "
-            "print(b.source_dir('kernels')); import agip.backends.triton; import agip.kernels as k; print(k.__file__)")
+            "print(b.source_dir('kernels')); import agip.backends.triton; import agip.kernels.common as k; print(k.__file__)")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ""}
     out = subprocess.run([sys.executable, "-c", code], cwd=other, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

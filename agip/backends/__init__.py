@@ -252,11 +252,10 @@ def source_dir(name: str):
     if (package / name).is_dir():
         return package / name
     checkout = package.parent
-    if (checkout / "setup.py").is_file() and (checkout / name / "__init__.py").is_file():
+    if (checkout / "setup.py").is_file() and (checkout / name).is_dir():
         return checkout / name
-    from importlib import resources
-
-    return resources.files(f"agip.{name}")
+    raise FileNotFoundError(f"this agip ({package}) has no {name}/ folder beside it, nor a checkout's "
+                            f"{checkout / name}: the install is incomplete; reinstall agip (pip install agip)")
 
 
 def load_extension(kind: str, name: str, sources, headers=(), hint: str = "", **flags):

@@ -13,28 +13,27 @@ from . import source_dir
 from .fused import FusedDriver, Kernels
 
 def _own_kernels() -> None:
-    """Import ``agip.kernels`` from this agip's own folder (agip.backends.source_dir), not
-    from the checkout an editable install maps it to."""
+    """Register ``agip.kernels`` as the package of this agip's own ``kernels`` folder
+    (agip.backends.source_dir), not the checkout an editable install maps it to. The folder
+    has no ``__init__.py`` (so it never shadows the PyPI package ``kernels``): the package is
+    made here, with that folder as its only search location."""
+    import importlib.machinery
     import importlib.util
     import sys
 
     if "agip.kernels" in sys.modules:
         return
-    folder = source_dir("kernels")
-    spec = importlib.util.spec_from_file_location("agip.kernels", str(folder / "__init__.py"),
-                                                  submodule_search_locations=[str(folder)])
+    folder = str(source_dir("kernels"))
+    spec = importlib.machinery.ModuleSpec("agip.kernels", None, is_package=True)
+    spec.submodule_search_locations = [folder]
     module = importlib.util.module_from_spec(spec)
+    module.__doc__ = "AGIP's Triton kernels, one file per fused op (see agip.kernels.common)."
     sys.modules["agip.kernels"] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules["agip.kernels"]
-        raise
 
 
 try:
     _own_kernels()
-    from agip import kernels
+    from agip.kernels import common as kernels
     from agip.kernels.refine import refine as _refine
     from agip.kernels.stats import stats as _stats
     from agip.kernels.update import update as _update

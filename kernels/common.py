@@ -1,12 +1,20 @@
-"""Triton kernels for the AGIP step, one file per fused op (installed as ``agip.kernels``).
+"""Triton kernels for the AGIP step, one file per fused op (installed as ``agip.kernels``),
+and here what they share: the block size and the score.
 
 - :mod:`.stats`  — pass A: G^2 partial sums; on pruning steps the saliency and regrowth
   histograms that start the exact radix select.
 - :mod:`.refine` — pass B (pruning steps only): the low-digit histogram inside one bin.
 - :mod:`.update` — pass C: clip, AdamW, TA, new mask, saliency EMA, ``w, m, v * M'``.
 
-Importing this package imports triton; ``import agip`` does not import it. On the CPU the
-kernels run under ``TRITON_INTERPRET=1`` (set before triton is imported).
+The folder has no ``__init__.py`` on purpose: transformers imports the PyPI package
+``kernels``, and a regular package of that name in the checkout root would shadow it for
+any Python started there (``python -m``, ``python -c``, notebooks). A folder without
+``__init__.py`` is only a namespace portion, which Python ranks below a regular package
+anywhere on ``sys.path``, so ``import kernels`` always finds the real one.
+``agip.backends.triton`` imports this folder as ``agip.kernels`` (``_own_kernels``).
+
+Importing these modules imports triton; ``import agip`` does not. On the CPU the kernels
+run under ``TRITON_INTERPRET=1`` (set before triton is imported).
 """
 BLOCK = 1024  # elements per program
 
