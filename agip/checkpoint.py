@@ -66,6 +66,20 @@ def fsync_tree(folder: str) -> None:
     fsync_dir(folder)
 
 
+def umask_modes(folder: str) -> None:
+    """Give ``folder`` and everything in it the modes the process umask allows, as any tool's
+    writes get: ``tempfile.mkdtemp`` makes the folder 0700 and safetensors writes its files
+    0600, which another user, a group or a serving container could not read."""
+    mask = os.umask(0o022)
+    os.umask(mask)  # read, then restored at once (the only way to read it portably)
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            full = os.path.join(root, name)
+            if not os.path.islink(full):
+                os.chmod(full, 0o666 & ~mask)
+
+
 def fsync_dir(folder: str) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -142,6 +156,7 @@ def save(path: str, model, tokenizer, optimizer=None, scheduler=None, state: dic
     tmp = tempfile.mkdtemp(prefix=f".{base}-tmp-", dir=parent)
     try:
         _write(tmp, model, tokenizer, optimizer, scheduler, state, rng, weights, masks)
+        umask_modes(tmp)
         os.replace(tmp, version)  # complete and on disk: now it may be pointed at
         fsync_dir(parent)
     except BaseException:

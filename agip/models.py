@@ -15,6 +15,8 @@ import tempfile
 
 import torch
 
+from .checkpoint import umask_modes
+
 EMBEDDED = "smollm2-135m"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -56,6 +58,7 @@ def embedded_model_dir(progress: bool = True) -> str:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        umask_modes(tmp)
         os.replace(tmp, target)  # atomic: a killed conversion leaves no half-written model
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -63,8 +66,29 @@ def embedded_model_dir(progress: bool = True) -> str:
     return target
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for ``smollm2-135m`` (embedded), a local folder, or a hub name."""
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` is plainly a path (absolute, ``./``, ``../``, ``~``), never a hub name."""
+    return isinstance(name, str) and (os.path.isabs(name) or name.startswith(("./", "../", "~", ".\\", "..\\"))
+                                      or name in (".", ".."))
+
+
+def check_model_name(name: str, flag: str = "--model") -> None:
+    """Refuse, before anything loads, a model that is plainly a path to nothing."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{flag} must be {EMBEDDED!r}, a model folder or a hub name, got {name!r}")
+    if looks_like_path(name) and not os.path.isdir(os.path.expanduser(name)):
+        what = "is a file, not a model folder" if os.path.exists(os.path.expanduser(name)) else "does not exist"
+        raise ValueError(f"{flag} {name}: the path {what}. Give a folder saved with save_pretrained (with its "
+                         f"config.json), {EMBEDDED!r} (embedded, no network), or a hub name such as "
+                         "HuggingFaceTB/SmolLM2-135M")
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, flag: str = "--model"):
+    """(model, tokenizer) for ``smollm2-135m`` (embedded), a local folder, or a hub name
+    (``flag``: how the error messages name the argument)."""
+    check_model_name(name, flag)
+    if looks_like_path(name):
+        name = os.path.expanduser(name)
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:

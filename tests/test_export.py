@@ -228,3 +228,28 @@ def test_a_mask_that_would_cost_more_than_it_saves_is_stored_dense(tmp_path):
     res = export.export(src, str(tmp_path / "e"))
     assert res["tensors"][name]["layout"] == "dense" and res["tensors"][name]["sparsity"] == 0
     same_weights(checkpoint.full_state(model), agip.load_sparse(str(tmp_path / "e")), torch.float32)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_every_file_is_written_as_the_umask_allows_with_a_model_card(tmp_path, umask):
+    """The export folder, its files and a checkpoint get the modes of any tool's writes (safetensors
+    writes 0600 and mkdtemp makes 0700 on their own), and the folder says what it is."""
+    src, _, masks = make_checkpoint(tmp_path, "llama", "2:4")
+    old = os.umask(umask)
+    try:
+        out = str(tmp_path / "export")
+        export.export(src, out)
+        ckpt = str(tmp_path / "ckpt-again")
+        checkpoint.save(ckpt, agip.load_sparse(out), None, masks=masks, state={"step": 1})
+    finally:
+        os.umask(old)
+    for folder in (out, os.path.realpath(ckpt)):
+        assert os.stat(folder).st_mode & 0o777 == 0o777 & ~umask, folder
+        for f in os.listdir(folder):
+            assert os.stat(os.path.join(folder, f)).st_mode & 0o777 == 0o666 & ~umask, f
+    card = open(os.path.join(out, export.CARD_FILE), encoding="utf-8").read()
+    assert "agip-sparse" in card and "format version 1" in card and "agip.load_sparse" in card
+    assert "agip unpack" in card and "**2:4** in every pruned matrix" in card and "**50.0% of them pruned**" in card
+    dense = str(tmp_path / "dense")
+    export.unpack(out, dense)
+    assert not os.path.exists(os.path.join(dense, export.CARD_FILE))  # the card describes the sparse folder only
