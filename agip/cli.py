@@ -171,7 +171,7 @@ def run_eval(args) -> dict:
     elif checkpoint.is_checkpoint(args.checkpoint):
         model, tok, _ = checkpoint.load_model(args.checkpoint)
     else:
-        model, tok = load_model(args.checkpoint)
+        model, tok = load_model(args.checkpoint, flag="checkpoint")
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     ctx = context_length(model)
     L = args.seq_len or min(1024, ctx)

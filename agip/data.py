@@ -117,8 +117,12 @@ EVAL_ONLY = ("pydoc",)
 
 def check_corpus_name(name: str) -> None:
     """Refuse a corpus name :func:`load_corpus` cannot read, without reading anything."""
+    if isinstance(name, str) and (os.path.isabs(name) or name.startswith(("./", "../", "~"))) \
+            and not os.path.exists(os.path.expanduser(name)):
+        raise ValueError(f"dataset {name}: the path does not exist. Give a text file, a folder with train.txt / "
+                         "validation.txt / test.txt, or 'wiki-mini' (embedded)")
     if not isinstance(name, str) or not (name in ("wiki-mini", "pydoc") or name.startswith("wikitext-")
-                                         or os.path.exists(name)):
+                                         or os.path.exists(os.path.expanduser(name))):
         raise ValueError(
             f"unknown dataset {name!r}: use 'wiki-mini' (embedded), 'pydoc' (embedded, evaluation only), "
             "'wikitext-2-raw-v1' (needs a network), or a path to a text file or a folder with train.txt / "
@@ -138,7 +142,7 @@ def load_corpus(name: str) -> Dict[str, List[str]]:
         corpus = wikitext2(name)
     else:
         check_corpus_name(name)
-        corpus = text_files(name)
+        corpus = text_files(os.path.expanduser(name))
     empty = [s for s in SPLITS if not "".join(corpus[s]).strip() and not (s == "train" and name in EVAL_ONLY)]
     if empty:
         raise ValueError(f"dataset {name!r}: the {', '.join(empty)} split is empty; give it some text")

@@ -17,7 +17,7 @@ from . import backends, checkpoint, launch, methods, precision
 from .config import PRESETS, Config
 from .data import EVAL_ONLY, check_corpus_name, join, load_corpus
 from .evaluate import perplexity
-from .models import EMBEDDED, context_length, load_model
+from .models import EMBEDDED, check_model_name, context_length, load_model
 
 METHODS = tuple(methods.METHODS)  # agip/methods.py: one object per method, the same hooks
 
@@ -125,6 +125,9 @@ class FinetuneConfig:
              "--distill-hidden does nothing: give one of them a weight > 0")
         need(self.distilling or self.distill_ce == 1.0, "--distill-ce without a teacher's term (--distill-kl, "
              "--distill-hidden) only scales the loss: leave it at 1, or scale --lr")
+        check_model_name(self.model, "--model")
+        if self.teacher not in (None, "start"):  # checked before the student loads
+            check_model_name(self.teacher, "--teacher")
         check_corpus_name(self.dataset)
         if self.eval_ood:
             check_corpus_name(self.eval_ood)
@@ -387,7 +390,7 @@ def finetune(cfg: FinetuneConfig, cache: Optional[EvalCache] = None) -> dict:
             if spec == "start":
                 teacher = distill.load_teacher("start", load_model(cfg.model)[0] if resuming else model, device=device)
             else:  # a folder, a hub name or the embedded default, by the harness' own loader
-                teacher = distill.load_teacher(load_model(spec)[0], device=device)
+                teacher = distill.load_teacher(load_model(spec, flag="--teacher")[0], device=device)
             distill.check_teacher(teacher, model)
             loss_fn = distill.DistillLoss(launch.wrap(teacher, True, world, device) if cfg.fsdp else teacher,
                                           ce=cfg.distill_ce, kl=cfg.distill_kl, temperature=cfg.distill_temperature,

@@ -226,7 +226,30 @@ def test_bad_arguments_fail_with_clear_messages(gpt2_dir, corpus_dir, tmp_path, 
     code, err = run_cli(base + ["--model", gpt2_dir, "--resume"], capsys)
     assert code == 2 and "no checkpoint" in err
     code, err = run_cli(["eval", str(tmp_path / "nowhere"), "--dataset", corpus_dir, "--no-progress"], capsys)
-    assert code == 2 and "could not load" in err
+    assert code == 2 and "the path does not exist" in err and "checkpoint" in err
+
+
+@pytest.mark.parametrize("flag", ["--model", "--teacher", "--dataset"])
+@pytest.mark.parametrize("path", ["/no/such/folder", "./no-such-folder", "../no-such-folder", "~/no-such-folder"])
+def test_a_missing_path_is_called_a_path(gpt2_dir, corpus_dir, tmp_path, capsys, monkeypatch, flag, path):
+    """A --model / --teacher / --dataset that is plainly a path and names nothing says so
+    (not "could not load the model on the hub"), before any model loads: the teacher's too."""
+    import transformers
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
+    args = {"--model": gpt2_dir, "--dataset": corpus_dir, "--teacher": None}
+    args[flag] = path
+    argv = ["finetune", "--out", str(tmp_path / "x"), "--steps", "1", "--no-progress", "--block-size", "32"]
+    for k, v in args.items():
+        if v is not None:
+            argv += [k, v]
+    if flag == "--teacher":
+        argv += ["--distill-kl", "1"]
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and path in err and ("does not exist" in err), err
 
 
 def test_bf16_autocast_run_prunes_with_fp32_state(gpt2_dir, corpus_dir, tmp_path):
