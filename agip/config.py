@@ -32,7 +32,7 @@ class Preset:
 
 
 # "thesis": the thesis' method exactly. "default": the product default, chosen on validation
-# data (README, "Quality study": four candidates at 50% sparsity, 100 steps of SmolLM2-135M,
+# data (docs/study.md: four candidates at 50% sparsity, 100 steps of SmolLM2-135M,
 # by in-domain and out-of-domain validation perplexity): the Fisher score of algorithm.md
 # §2.1b with p = 1/4 on a cubic ramp, a pruning step every step, no TA; the harness' lr is
 # the one chosen for dense fine-tuning on the validation split.

@@ -17,7 +17,7 @@ so the extra memory is one logits-sized buffer plus one chunk's fp32 temporaries
 several full-vocabulary fp32 copies. With both CE and KL on, :func:`ce_kl` takes the CE from
 the same chunks (the model is then called without labels: its own loss would make a
 full-vocabulary fp32 copy of the logits and a second softmax): on the CPU that made a
-distilled step 1.09× a step without a teacher instead of 1.50× (README, "Distillation's cost").
+distilled step 1.09× a step without a teacher instead of 1.50× (docs/study.md, "Distillation's cost").
 
     teacher = agip.distill.load_teacher("start", model)      # or a folder, e.g. a dense fine-tuned model
     loss_fn = agip.distill.DistillLoss(teacher, ce=1.0, kl=1.0, hidden=1.0)

@@ -9,7 +9,7 @@ two bf16 values is exact in fp32, and oneDNN accumulates in fp32), the result ro
 (autocast's output dtype). Backward follows from autograd: the gradient reaching each
 operand is rounded to bf16 by the cast's backward, as a bf16 product's gradient would be.
 What can differ from a native bf16 unit is only the order of the fp32 sums, the way two
-CPUs with bf16 units already differ (see the README's quality study: about one seed's
+CPUs with bf16 units already differ (see docs/study.md: about one seed's
 standard deviation in a run's perplexity).
 
 Everything else stays under the real ``torch.autocast`` (its fp32 ops, elementwise ops in

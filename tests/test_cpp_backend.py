@@ -166,7 +166,7 @@ def test_fisher_masks_next_to_theta_match_reference(fisher_q, moment, theta):
     # a third 2^-8..2^-23 away, zeros, subnormals, inf and NaN, a tiny, zero, negative and
     # huge theta must give the reference's mask bit for bit (what any faster way of
     # deciding it must keep; a decision without square roots, tried, passed it with a
-    # margin of 2^-16 around theta^4 and failed it with 2^-30: README "On a CPU without AVX-512")
+    # margin of 2^-16 around theta^4 and failed it with 2^-30: docs/performance.md, "On a CPU without AVX-512")
     from agip.backends import reference
 
     def crafted():
