@@ -1,4 +1,4 @@
-"""C++ backend for CPU tensors: ``csrc/agip_cpu.cpp`` (vectorized loops, ``at::parallel_for``),
+"""C++ backend for CPU tensors: ``csrc/`` (one file per pass; vectorized loops, ``at::parallel_for``),
 driven by :class:`agip.backends.fused.FusedDriver`.
 
 Built on first use with ``torch.utils.cpp_extension.load`` and ninja into a cache folder
@@ -23,9 +23,14 @@ FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-
          "-fno-trapping-math", "-std=c++17"]
 
 
+# one file per pass (A: stats, B: refine, C: update) around the shared headers, and the binding
+SOURCES = ["agip_cpu.cpp", "stats.cpp", "refine.cpp", "update.cpp"]
+HEADERS = ["agip_cpu.h", "agip_math.h"]
+
+
 def build(verbose: bool = False):
     """Compile (or load the cached build of) the extension and return the module."""
-    return load_extension("cpp", "agip_cpu", ["agip_cpu.cpp"], headers=["agip_math.h"], hint="; it needs a C++ compiler and ninja "
+    return load_extension("cpp", "agip_cpu", SOURCES, headers=HEADERS, hint="; it needs a C++ compiler and ninja "
                           "(pip install ninja)", extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], verbose=verbose)
 
 
