@@ -115,10 +115,15 @@ def pydoc_topics() -> Dict[str, List[str]]:
 EVAL_ONLY = ("pydoc",)
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` is plainly a path (absolute, ``./``, ``../``, ``~``), never a hub name."""
+    return isinstance(name, str) and (os.path.isabs(name) or name.startswith(("./", "../", "~", ".\\", "..\\"))
+                                      or name in (".", ".."))
+
+
 def check_corpus_name(name: str) -> None:
     """Refuse a corpus name :func:`load_corpus` cannot read, without reading anything."""
-    if isinstance(name, str) and (os.path.isabs(name) or name.startswith(("./", "../", "~"))) \
-            and not os.path.exists(os.path.expanduser(name)):
+    if looks_like_path(name) and not os.path.exists(os.path.expanduser(name)):
         raise ValueError(f"dataset {name}: the path does not exist. Give a text file, a folder with train.txt / "
                          "validation.txt / test.txt, or 'wiki-mini' (embedded)")
     if not isinstance(name, str) or not (name in ("wiki-mini", "pydoc") or name.startswith("wikitext-")

@@ -76,7 +76,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    return torch.from_numpy(np.unpackbits(packed.numpy(), count=numel, bitorder="little").astype(bool))
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=numel, bitorder="little").view(bool))
 
 
 def nm_pattern(mask: torch.Tensor, input_dim: int) -> Optional[str]:
@@ -322,7 +322,7 @@ def _decode(file: str, raw: dict, name: str, entry: dict) -> torch.Tensor:
         raise ValueError(f"{file}: the bitmask of {name!r} is missing or of the wrong size: the file is damaged")
     # in numpy, on the values' bits (numpy has no bf16), scattered by index: torch's bool sum
     # and masked assignment made the load 20-50x the dense checkpoint's (bench_export.py)
-    where = np.flatnonzero(np.unpackbits(bits.numpy(), count=numel, bitorder="little"))
+    where = np.flatnonzero(unpack_bits(bits, numel).numpy())
     if where.size != values.numel():
         raise ValueError(f"{file}: {name!r} has {where.size} kept entries in its bitmask but {values.numel()} "
                          "stored values: the file is damaged")

@@ -16,6 +16,7 @@ import tempfile
 import torch
 
 from .checkpoint import umask_modes
+from .data import looks_like_path
 
 EMBEDDED = "smollm2-135m"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -64,12 +65,6 @@ def embedded_model_dir(progress: bool = True) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
-
-
-def looks_like_path(name: str) -> bool:
-    """Whether ``name`` is plainly a path (absolute, ``./``, ``../``, ``~``), never a hub name."""
-    return isinstance(name, str) and (os.path.isabs(name) or name.startswith(("./", "../", "~", ".\\", "..\\"))
-                                      or name in (".", ".."))
 
 
 def check_model_name(name: str, flag: str = "--model") -> None:
