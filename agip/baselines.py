@@ -191,6 +191,41 @@ def wanda_masks(model, opt, ratio: float, calibration, pattern: str = "unstructu
     return masks
 
 
+INITS = ("sparsegpt", "wanda")  # the one-shot starts of AGIP (--init)
+
+
+@torch.no_grad()
+def one_shot_start(model, opt, solver: str, calibration) -> dict:
+    """AGIP's start from a one-shot solver (``--init``; docs/algorithm.md §2.6): the solver
+    prunes to the optimizer's ``target_sparsity`` in its ``sparsity_pattern`` (``ratio``
+    must be N/M for N:M) from the ``calibration`` batches: ``"sparsegpt"`` (AGIP's own
+    SparseGPT, :func:`agip.obs.sparsegpt`, which also moves the kept weights) or
+    ``"wanda"`` (:func:`wanda_masks`; the kept weights stay). With fixed masks (unstructured,
+    or ``nm_mode="fixed"``) the masks are installed (:meth:`AGIP.apply_masks`), so AGIP then
+    trains them as SparseGPT/Wanda + FT do; with ``nm_mode="decay"`` only the pruned
+    weights are set to 0 and the masks stay open: AGIP's decay mode may still change them.
+    Returns the masks (name -> bool, True = kept)."""
+    from . import obs
+
+    if solver not in INITS:
+        raise ValueError(f"--init must be one of {INITS}, got {solver!r}")
+    config = opt.config
+    ratio, pattern = config.target_sparsity, config.sparsity_pattern
+    if ratio <= 0:
+        raise ValueError("a one-shot start needs target_sparsity > 0")
+    if solver == "sparsegpt":
+        masks = obs.sparsegpt(model, opt, ratio, calibration, pattern)
+    else:
+        masks = wanda_masks(model, opt, ratio, calibration, pattern)
+    if config.nm_mode == "decay":
+        named = dict(_prunable(opt))
+        for name, keep in masks.items():
+            named[name].masked_fill_(~keep, 0)
+    else:
+        opt.apply_masks(masks)
+    return masks
+
+
 def sparsegpt_masks(model, opt, ratio: float, calibration, pattern: str = "unstructured") -> dict:
     """SparseGPT through the library users reach for: llmcompressor's ``SparseGPTModifier``
     with ``oneshot`` (the ``baselines`` extra). Each prunable layer is pruned to ``ratio``

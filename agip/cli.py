@@ -12,6 +12,7 @@ import sys
 from .methods import METHODS
 from .backends import BACKENDS
 from .config import FISHER_MOMENTS, FISHER_POWERS, NM_MODES, PRESETS, SALIENCIES
+from .baselines import INITS
 from .train import FinetuneConfig
 
 
@@ -49,6 +50,10 @@ def _add_finetune(sub):
     p.add_argument("--nm-input-power", type=float, default=d.nm_input_power,
                    help="N:M with agip: multiply the score by each input's norm ||X_j||^q over the calibration "
                         "blocks (Wanda's norms); 0 = off, 0.5 = what the Fisher score's v^(1/4) leaves out")
+    p.add_argument("--init", default=d.init, choices=INITS,
+                   help="agip: start from a one-shot solver at --target-sparsity (its weights and masks at step 0; "
+                        "with --nm-mode decay the masks may still change): sparsegpt (AGIP's own, layer inputs' "
+                        "second moment) or wanda")
     p.add_argument("--schedule", default=d.schedule, choices=("exp", "cubic", "oneshot"),
                    help="default: the preset's")
     p.add_argument("--ramp-end", type=float, default=d.ramp_end,

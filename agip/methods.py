@@ -30,12 +30,19 @@ class Method:
         return agip.AGIP(agip.param_groups(model, weight_decay=cfg.weight_decay), lr=cfg.lr,
                          weight_decay=cfg.weight_decay, backend=cfg.backend, **cfg.agip_options())
 
+    def __init__(self, cfg=None):
+        self.cfg = cfg
+
     def before_training(self, model, opt, calibration) -> bool:
+        # a one-shot start (--init): the solver's weights and masks at step 0 (algorithm.md §2.6)
+        init = getattr(self.cfg, "init", None)
+        if init:
+            baselines.one_shot_start(model, opt, init, calibration())
         # N:M scores times the inputs' norms (nm_input_power > 0, algorithm.md §2.5c): measured
         # on the calibration blocks Wanda uses, once; nothing is pruned here
         if getattr(getattr(opt, "config", None), "nm_input_power", 0.0) > 0:
             opt.set_input_norms(baselines.input_norms(model, opt, calibration()))
-        return False
+        return bool(init)
 
     def after_step(self, step: int, opt) -> None:
         pass
@@ -159,4 +166,4 @@ def make(cfg) -> Method:
     if cfg.method not in METHODS:
         raise ValueError(f"--method must be one of {tuple(METHODS)}, got {cfg.method!r}")
     cls = METHODS[cfg.method]
-    return cls(cfg) if issubclass(cls, Masked) else cls()
+    return cls(cfg) if issubclass(cls, Masked) or cls is Method else cls()

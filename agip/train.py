@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from . import backends, checkpoint, launch, methods, precision
+from .baselines import INITS
 from .config import PRESETS, Config
 from .data import EVAL_ONLY, check_corpus_name, join, load_corpus
 from .evaluate import perplexity
@@ -44,6 +45,7 @@ class FinetuneConfig:
     nm_mode: str = "fixed"  # N:M: "fixed" (a pruned group stays pruned) or "decay" (masks change; §2.5b)
     nm_decay: float = 0.1
     nm_input_power: float = 0.0  # N:M with agip: scores times ||X_j||^q from the calibration blocks (§2.5c)
+    init: Optional[str] = None  # agip: start from a one-shot solver, "sparsegpt" or "wanda" (algorithm.md §2.6)
     schedule: Optional[str] = None  # None here and below: the preset's value
     ramp_end: float = 0.75  # the cubic ramp reaches the target at ramp_end * steps
     prune_interval: Optional[int] = None
@@ -108,6 +110,12 @@ class FinetuneConfig:
             nm_of(self.sparsity_pattern, self.target_sparsity)  # a one-shot N:M mask prunes exactly N/M
         need(self.nm_input_power == 0 or self.method == "agip", f"--nm-input-power is for --method agip (its N:M "
              f"score; Wanda's masks use the input norms already), not {self.method}")
+        need(self.init is None or (self.init in INITS and self.method == "agip"),
+             f"--init must be one of {INITS} and is for --method agip (the baselines are one-shot already), got "
+             f"--init {self.init} with --method {self.method}")
+        need(self.init is None or (self.target_sparsity > 0 and not self.fsdp), "--init prunes one-shot to "
+             "--target-sparsity before training: give a target > 0, and run it with DDP or in one process (the "
+             "solver needs whole weights, not FSDP2 shards)")
         need(not self.fsdp or self.method in ("agip", "adamw"),
              f"--fsdp runs --method agip or adamw; the baselines' masks ({self.method}) need whole weights: run "
              "them with DDP (torchrun without --fsdp) or in one process")

@@ -99,7 +99,16 @@ DISTILL_CANDIDATES = [
 # the lr24 phase's learning rates, beside the study's (4e-4: 2e-4 measured best for every 2:4
 # method, at the edge of the grid)
 LRS_24 = (2e-4, 4e-4)
-PHASES = ("lr", "select", "nm", "distill", "grid", "lr24", "lr50")
+# issue 36's 2:4 candidates (``init24``), each at 50% 2:4, seed 0: a one-shot start (AGIP's own
+# SparseGPT or Wanda at step 0, then AGIP's training) with fixed masks or with the chosen 2:4
+# mode's changing masks; "mode" stands for the chosen 2:4 mode's overrides, "default" for the
+# default's. (--init wanda with fixed masks is Wanda + FT: tests/test_obs.py shows it equal.)
+INIT_CANDIDATES = [
+    ("2:4, --init sparsegpt, fixed masks", "default", dict(sparsity_pattern="2:4", init="sparsegpt")),
+    ("2:4, --init sparsegpt, changing masks (the chosen 2:4 mode)", "mode", dict(init="sparsegpt")),
+    ("2:4, --init wanda, changing masks (the chosen 2:4 mode)", "mode", dict(init="wanda")),
+]
+PHASES = ("lr", "select", "nm", "distill", "grid", "lr24", "lr50", "init24")
 DENSE_TEACHER = "dense-ft"  # a row's teacher: the study's dense fine-tuned model (one dense run, kept)
 
 
@@ -213,6 +222,23 @@ class Study:
                 for label, ov in NM_CANDIDATES]
         label, ov, _ = min(rows, key=lambda r: self.val_score(r[2]))
         self.data["choices"]["nm"] = {"label": label, "overrides": ov}
+        self.save()
+
+    def choose_init(self, lr, default_overrides):
+        """Issue 36's 2:4 candidates (INIT_CANDIDATES) beside the chosen 2:4 mode, chosen the
+        same way (validation); recorded as the choice ``init24``."""
+        nm_choice = self.data["choices"].get("nm")
+        if nm_choice is None:
+            sys.exit("no 2:4 mode chosen yet: run the 'nm' phase first")
+        base = {"default": default_overrides, "mode": nm_choice["overrides"]}
+        rows = [(f"AGIP 2:4 ({nm_choice['label']})", nm_choice["overrides"],
+                 self.run(f"AGIP 2:4 ({nm_choice['label']})", "agip", nm_choice["overrides"], 0.5, 0, lr, "grid"))]
+        for label, on, ov in INIT_CANDIDATES:
+            if self.wanted(label, 0):
+                full = {**base[on], **ov}
+                rows.append((label, full, self.run(f"AGIP candidate: {label}", "agip", full, 0.5, 0, lr, "init24")))
+        label, ov, _ = min(rows, key=lambda r: self.val_score(r[2]))
+        self.data["choices"]["init24"] = {"label": label, "overrides": ov}
         self.save()
 
     def choose_distill(self, lr):
@@ -411,6 +437,8 @@ def main(argv=None):
             study.nm_lrs(lr)
         if "lr50" in args.phase and 0.5 in args.targets:
             study.flat_lrs(lr, label, ov)
+        if "init24" in args.phase and 0.5 in args.targets:
+            study.choose_init(lr, ov)
     write_outputs(study.data, args.out, args.steps)
 
 
