@@ -11,7 +11,7 @@ import sys
 
 from .methods import METHODS
 from .backends import BACKENDS
-from .config import FISHER_MOMENTS, FISHER_POWERS, NM_MODES, PRESETS, SALIENCIES
+from .config import COMPENSATIONS, FISHER_MOMENTS, FISHER_POWERS, NM_MODES, PRESETS, SALIENCIES
 from .baselines import INITS
 from .train import FinetuneConfig
 
@@ -50,6 +50,9 @@ def _add_finetune(sub):
     p.add_argument("--nm-input-power", type=float, default=d.nm_input_power,
                    help="N:M with agip: multiply the score by each input's norm ||X_j||^q over the calibration "
                         "blocks (Wanda's norms); 0 = off, 0.5 = what the Fisher score's v^(1/4) leaves out")
+    p.add_argument("--compensate", default=d.compensate, choices=COMPENSATIONS,
+                   help="N:M with agip: obs moves the kept weights of each row when a pruning step cuts entries "
+                        "(optimal brain surgeon from the training inputs' x^T x, as SparseGPT does one-shot)")
     p.add_argument("--init", default=d.init, choices=INITS,
                    help="agip: start from a one-shot solver at --target-sparsity (its weights and masks at step 0; "
                         "with --nm-mode decay the masks may still change): sparsegpt (AGIP's own, layer inputs' "

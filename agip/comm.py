@@ -55,6 +55,13 @@ class Comm:
         t = torch.tensor([x], dtype=torch.float64, device=device)
         return float(self._all_reduce(t)[0])
 
+    def sum_replicated(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor each rank computed from its own batches (the inputs' second moment of
+        compensate='obs') over ranks, in place; identity in one process."""
+        if self.active:
+            self._all_reduce(t)
+        return t
+
     def sum_counts(self, t: torch.Tensor) -> torch.Tensor:
         """Sum integer counts over ranks in place (histograms, kept-entry counts) when the
         parameters are sharded; integers sum exactly in any order."""

@@ -20,6 +20,7 @@ SALIENCIES = ("taylor", "fisher")
 FISHER_MOMENTS = ("current", "previous")  # v_t (with this step's gradient) or v_(t-1), algorithm.md §2.1b
 FISHER_POWERS = {0.0: 0, 0.25: 1, 0.5: 2, 1.0: 4}  # p -> q = 4p: v_t^p with square roots only
 NM_MODES = ("fixed", "decay")  # N:M: pruned groups stay pruned, or masks change while pruned weights decay (§2.5b)
+COMPENSATIONS = ("none", "obs")  # "obs": the kept weights of a row take the OBS update when entries are cut (§2.6)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class Config:
     nm_mode: str = "fixed"
     nm_decay: float = 0.1
     nm_input_power: float = 0.0  # N:M: scores times ||X_j||^q, the input's norm (§2.5c); 0 = off
+    compensate: str = "none"  # "obs": OBS update of the kept weights when a step cuts entries (§2.6); N:M
 
     @classmethod
     def resolve(cls, preset: str = "default", **options) -> "Config":
@@ -138,6 +140,10 @@ class Config:
              f"nm_input_power must be in [0, 1] (0: off), got {self.nm_input_power!r}")
         need(self.nm_input_power == 0 or pattern is not None,
              f"nm_input_power={self.nm_input_power!r} is for an N:M sparsity_pattern (e.g. '2:4')")
+        need(self.compensate in COMPENSATIONS, f"compensate must be one of {COMPENSATIONS}, got {self.compensate!r}")
+        need(self.compensate == "none" or pattern is not None,
+             "compensate='obs' is for an N:M sparsity_pattern (e.g. '2:4') in this version: an unstructured step "
+             "applies its mask inside the fused update, before a host-side OBS update could see the cut weights")
         # stored as the state dict records them (a resumed run compares them)
         for name in ("ta_gamma", "ta_beta", "ta_k", "ta_clip", "ta_eps", "ta_loss_floor", "target_sparsity",
                      "regrow_fraction", "saliency_ema", "fisher_power", "nm_decay", "ramp_end", "nm_input_power"):

@@ -42,6 +42,9 @@ class Method:
         # on the calibration blocks Wanda uses, once; nothing is pruned here
         if getattr(getattr(opt, "config", None), "nm_input_power", 0.0) > 0:
             opt.set_input_norms(baselines.input_norms(model, opt, calibration()))
+        # compensate='obs' (algorithm.md §2.6): H from the training batches' inputs, from now on
+        if getattr(getattr(opt, "config", None), "compensate", "none") == "obs":
+            opt.track_inputs(model)
         return bool(init)
 
     def after_step(self, step: int, opt) -> None:

@@ -106,11 +106,10 @@ def select(flat, plan, n: int, m: int, k: int, scales: Optional[dict] = None):
     if k > 0:
         theta = reference.kth_smallest(torch.cat([c for *_, c in per_slot]), k, flat.comm)
     masks = {id(b): b.mask.clone() for b in flat.buckets if b.n_prunable}
+    if k == 0:  # nothing asked for yet: the masks stay as they are (set by apply_masks, a one-shot start)
+        return masks, theta
     for b, s, first, cost in per_slot:
-        keep = torch.ones(first.shape, dtype=torch.bool, device=first.device)
-        if k > 0:
-            pruned = cost <= theta
-            keep = ~(first & pruned[:, None])
+        keep = ~(first & (cost <= theta)[:, None])
         masks[id(b)][s.start : s.start + s.numel] = _ungroup(keep, s.shape, s.input_dim)
     return masks, theta
 

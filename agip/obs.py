@@ -202,6 +202,16 @@ class _Stop(Exception):
     pass
 
 
+def _forward(model, x):
+    """The model on token ids, without a KV cache where it has one (a cache captured with a
+    block's inputs would grow each time the block runs)."""
+    import inspect
+
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        return model(x, use_cache=False)
+    return model(x)
+
+
 def _solve(modules, moments, chosen, ratio, nm, damp, block) -> Dict[str, torch.Tensor]:
     masks = {}
     for module in chosen:
@@ -248,7 +258,7 @@ def sparsegpt(model, opt, ratio: float, calibration, pattern: str = "unstructure
             try:
                 for x in calibration:
                     try:
-                        model(x.to(device), use_cache=False)
+                        _forward(model, x.to(device))
                     except _Stop:
                         pass
             finally:
@@ -272,7 +282,7 @@ def sparsegpt(model, opt, ratio: float, calibration, pattern: str = "unstructure
             moments = InputMoments(rest)
             try:
                 for x in calibration:
-                    model(x.to(device), use_cache=False)
+                    _forward(model, x.to(device))
             finally:
                 moments.remove()
             masks.update(_solve(modules, moments, rest, ratio, n_m, damp, block))
@@ -293,3 +303,52 @@ def h_bytes(model, opt) -> int:
         moments.remove()
     return moments.nbytes()
 
+
+
+class Compensation:
+    """``compensate="obs"`` (docs/algorithm.md §2.6): before a pruning step's cut is applied,
+    every row of a prunable weight that loses entries takes the OBS update of :func:`sweep`
+    with its whole mask (entries pruned before stay 0: they are constraints too), H being
+    the sum of xᵀx over every training batch its input has seen so far (summed over ranks
+    under DDP). m and v of the moved weights are left as they are. The hooks come off when
+    the target is reached (:meth:`release`): H is not kept in checkpoints, so a run resumed
+    during the ramp collects it anew."""
+
+    def __init__(self, model, opt, comm):
+        modules = prunable_modules(model, opt)
+        self.by_param = {id(m.weight): m for m in modules}
+        self.moments = InputMoments(modules)
+        self.comm = comm
+        self.seconds = 0.0  # time spent in sweeps (bench_step reports it)
+        self.released = False
+
+    @torch.no_grad()
+    def __call__(self, b, new_mask: torch.Tensor) -> None:
+        import time
+
+        if self.released:
+            raise RuntimeError("compensate='obs': the inputs' hooks were released when the target was reached; no "
+                               "cut can be compensated after that")
+        t0 = time.perf_counter()
+        for s in b.slots:
+            if s.start >= b.n_prunable:
+                continue
+            sl = slice(s.start, s.start + s.numel)
+            cut = b.mask[sl] & ~new_mask[sl]
+            if not bool(cut.any()):
+                continue
+            module = self.by_param[id(s.param)]
+            h = self.moments.of(module).clone()
+            self.comm.sum_replicated(h)
+            w, keep, cut = (t.view(s.shape) for t in (b.w[sl], new_mask[sl], cut))
+            if s.input_dim == 0:  # GPT-2's Conv1D stores (in, out): rows are the outputs
+                w, keep, cut = w.t(), keep.t(), cut.t()
+            rows = cut.any(dim=1)
+            new, _ = sweep(w[rows], h, prune=~keep[rows])
+            w[rows] = new.to(w.dtype)
+        self.seconds += time.perf_counter() - t0
+
+    def release(self) -> None:
+        self.moments.remove()
+        self.moments.h.clear()
+        self.released = True

@@ -128,6 +128,8 @@ class TAAdamW(torch.optim.Optimizer):
         self.backend.update(flat, plan)
         if decision is not None:
             decision.finish(flat)
+            if decision.compensate is not None and ratio >= self.config.target_sparsity:
+                decision.compensate.release()  # the last cut: the hooks and H are not needed any more
         flat.sync_out()
         self._stamp = flat.stamp() if plan.score_ahead else None
         # host-side state changes only after the buffers are updated
@@ -249,7 +251,7 @@ class AGIP(TAAdamW):
                  stability_window: int = 50, backend: str = "auto", saliency: Optional[str] = None,
                  fisher_power: Optional[float] = None, preset: str = "default", process_group=None,
                  sparsity_pattern: str = "unstructured", fisher_moment: Optional[str] = None, nm_mode: str = "fixed",
-                 nm_decay: float = 0.1, ramp_end: float = 0.75, nm_input_power: float = 0.0):
+                 nm_decay: float = 0.1, ramp_end: float = 0.75, nm_input_power: float = 0.0, compensate: str = "none"):
         cfg = Config.resolve(
             preset, max_grad_norm=max_grad_norm, ta_gamma=ta_gamma, ta_beta=ta_beta, ta_k=ta_k, ta_clip=ta_clip,
             ta_eps=ta_eps, ta_loss_floor=ta_loss_floor, target_sparsity=target_sparsity, schedule=schedule,
@@ -257,7 +259,7 @@ class AGIP(TAAdamW):
             regrow_fraction=regrow_fraction, saliency_ema=saliency_ema, stability=stability,
             stability_window=stability_window, saliency=saliency, fisher_power=fisher_power,
             fisher_moment=fisher_moment, sparsity_pattern=sparsity_pattern, nm_mode=nm_mode, nm_decay=nm_decay,
-            ramp_end=ramp_end, nm_input_power=nm_input_power)
+            ramp_end=ramp_end, nm_input_power=nm_input_power, compensate=compensate)
         super().__init__(params, lr, betas, eps, weight_decay, backend=backend, process_group=process_group, config=cfg)
         if cfg.target_sparsity > 0 and self._flat.n_prunable_global == 0:
             raise ValueError(f"target_sparsity={cfg.target_sparsity} but no param group has prune=True: build the "
@@ -269,6 +271,18 @@ class AGIP(TAAdamW):
         # weights are copied into the buckets each step (the version counters cannot tell)
         self._score_ahead = cfg.scores_ahead and self._selection.in_update and \
             not any(s.mirrored for b in self._flat.buckets for s in b.slots)
+
+    def track_inputs(self, model) -> None:
+        """For ``compensate="obs"`` (docs/algorithm.md §2.6): forward hooks on the modules of
+        the prunable weights of ``model`` (the module itself, not a DDP wrapper) add up xᵀx
+        of their inputs over every training batch until the target is reached; a pruning
+        step's cut then moves the kept weights of the same rows by OBS. Call once, before
+        the first training forward."""
+        from . import obs
+
+        need(self.config.compensate == "obs", "track_inputs is for compensate='obs'")
+        need(self._selection.compensation is None, "track_inputs was called already")
+        self._selection.compensation = obs.Compensation(model, self, self.comm)
 
     @torch.no_grad()
     def set_input_norms(self, norms: dict) -> None:

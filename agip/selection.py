@@ -22,6 +22,7 @@ class Decision:
     n_regrown: int = 0
     masks: Optional[dict] = None  # masks decided outside the update (N:M): bucket id -> bool tensor
     decay: Optional[float] = None  # a number: the masks are candidates, w *= 1 - decay outside them (§2.5b)
+    compensate: Optional[object] = None  # agip.obs.Compensation: the OBS update before a cut (§2.6)
 
     def finish(self, flat) -> None:
         """After the update: apply masks decided outside it (w, m, v * M'; algorithm.md §1.6),
@@ -34,6 +35,8 @@ class Decision:
                     w = b.w[: b.n_prunable]
                     w.copy_(torch.where(self.masks[id(b)], w, w * (1.0 - self.decay)))
                 else:
+                    if self.compensate is not None:
+                        self.compensate(b, self.masks[id(b)])
                     flat.apply_mask(b, self.masks[id(b)])
 
 
@@ -56,14 +59,15 @@ class NM:
 
     in_update = False
 
-    def __init__(self, flat, n: int, m: int, input_power: float = 0.0):
+    def __init__(self, flat, n: int, m: int, input_power: float = 0.0, compensate: bool = False):
         if flat.comm.sharded:
             raise ValueError("sparsity_pattern N:M is not supported on FSDP2 shards yet: use DDP, or 'unstructured'")
         nm.check_layout(flat, m)
         self.n, self.m, self.groups = n, m, nm.groups_total(flat, m)
-        self.input_power = input_power
+        self.input_power, self.wants_compensation = input_power, compensate
         self.input_norms = None  # param id -> ||X_j|| over its input dimension (§2.5c), set by AGIP.set_input_norms
         self.scales = None  # param id -> ||X_j||^q in fp32
+        self.compensation = None  # agip.obs.Compensation (compensate='obs'), set by AGIP.track_inputs
 
     def set_input_norms(self, norms: dict) -> None:
         self.input_norms = norms
@@ -74,6 +78,9 @@ class NM:
             raise RuntimeError("nm_input_power > 0 scores each weight by its input's norm (algorithm.md §2.5c): call "
                                "opt.set_input_norms(agip.baselines.input_norms(model, opt, calibration_batches)) "
                                "before the first pruning step")
+        if self.wants_compensation and self.compensation is None:
+            raise RuntimeError("compensate='obs' needs the layer inputs' second moment (algorithm.md §2.6): call "
+                               "opt.track_inputs(model) before the first forward of training")
         return nm.select(flat, plan, self.n, self.m, k, self.scales)
 
     def select(self, backend, flat, plan, ratio: float) -> Decision:
@@ -81,7 +88,7 @@ class NM:
         if self.settled(flat, k):
             return Decision(theta=0.0)
         masks, theta = self._select(flat, plan, k)
-        return Decision(theta=theta, masks=masks)
+        return Decision(theta=theta, masks=masks, compensate=self.compensation)
 
     def settled(self, flat, k: int) -> bool:
         """Whether the step asks for every group and every group has exactly N entries pruned
@@ -98,8 +105,9 @@ class NMDecay(NM):
     score rises wins its place back; the step that reaches the target cuts them, and from
     then on the masks stay fixed (as in :class:`NM`)."""
 
-    def __init__(self, flat, n: int, m: int, target: float, decay: float, input_power: float = 0.0):
-        super().__init__(flat, n, m, input_power)
+    def __init__(self, flat, n: int, m: int, target: float, decay: float, input_power: float = 0.0,
+                 compensate: bool = False):
+        super().__init__(flat, n, m, input_power, compensate)
         self.target, self.decay, self.k_final = target, decay, nm.groups_to_prune(target, n, m, self.groups)
 
     def select(self, backend, flat, plan, ratio: float) -> Decision:
@@ -107,7 +115,8 @@ class NMDecay(NM):
         if hard and self.settled(flat, self.k_final):
             return Decision(theta=0.0)
         masks, theta = self._select(flat, plan, self.k_final)
-        return Decision(theta=theta, masks=masks, decay=None if hard else self.decay * ratio / self.target)
+        return Decision(theta=theta, masks=masks, decay=None if hard else self.decay * ratio / self.target,
+                        compensate=self.compensation if hard else None)
 
 
 def make(flat, config):
@@ -115,6 +124,7 @@ def make(flat, config):
     pattern = config.nm
     if pattern is None:
         return Unstructured()
+    obs = config.compensate == "obs"
     if config.nm_mode == "decay":
-        return NMDecay(flat, *pattern, config.target_sparsity, config.nm_decay, config.nm_input_power)
-    return NM(flat, *pattern, config.nm_input_power)
+        return NMDecay(flat, *pattern, config.target_sparsity, config.nm_decay, config.nm_input_power, obs)
+    return NM(flat, *pattern, config.nm_input_power, obs)

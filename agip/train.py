@@ -44,6 +44,7 @@ class FinetuneConfig:
     sparsity_pattern: str = "unstructured"  # or "N:M", e.g. "2:4" (algorithm.md §2.5; agip, magnitude, wanda, sparsegpt)
     nm_mode: str = "fixed"  # N:M: "fixed" (a pruned group stays pruned) or "decay" (masks change; §2.5b)
     nm_decay: float = 0.1
+    compensate: str = "none"  # N:M with agip: "obs" moves the kept weights of a row when a step cuts (§2.6)
     nm_input_power: float = 0.0  # N:M with agip: scores times ||X_j||^q from the calibration blocks (§2.5c)
     init: Optional[str] = None  # agip: start from a one-shot solver, "sparsegpt" or "wanda" (algorithm.md §2.6)
     schedule: Optional[str] = None  # None here and below: the preset's value
@@ -108,6 +109,8 @@ class FinetuneConfig:
             from .baselines import nm_of
 
             nm_of(self.sparsity_pattern, self.target_sparsity)  # a one-shot N:M mask prunes exactly N/M
+        need(self.compensate == "none" or self.method == "agip", f"--compensate is for --method agip, not "
+             f"{self.method}")
         need(self.nm_input_power == 0 or self.method == "agip", f"--nm-input-power is for --method agip (its N:M "
              f"score; Wanda's masks use the input norms already), not {self.method}")
         need(self.init is None or (self.init in INITS and self.method == "agip"),
@@ -157,7 +160,7 @@ class FinetuneConfig:
                     saliency_ema=self.saliency_ema, stability=self.stability, saliency=self.saliency,
                     fisher_power=self.fisher_power, fisher_moment=self.fisher_moment,
                     sparsity_pattern=self.sparsity_pattern, nm_mode=self.nm_mode, nm_decay=self.nm_decay,
-                    ramp_end=self.ramp_end, nm_input_power=self.nm_input_power)
+                    ramp_end=self.ramp_end, nm_input_power=self.nm_input_power, compensate=self.compensate)
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

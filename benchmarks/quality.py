@@ -106,6 +106,12 @@ LRS_24 = (2e-4, 4e-4)
 INIT_CANDIDATES = [
     ("2:4, --init sparsegpt, fixed masks", "default", dict(sparsity_pattern="2:4", init="sparsegpt")),
     ("2:4, --init sparsegpt, changing masks (the chosen 2:4 mode)", "mode", dict(init="sparsegpt")),
+    # compensation (--compensate obs): the chosen mode's cut at the end of its ramp, or every cut
+    # of fixed groups on the same ramp, moves the kept weights of the row by OBS
+    ("2:4, the chosen 2:4 mode, compensated cut", "mode", dict(compensate="obs")),
+    ("2:4, fixed groups on the chosen mode's ramp and score, compensated", "mode",
+     dict(nm_mode="fixed", compensate="obs")),
+    ("2:4, --init sparsegpt, changing masks, compensated cut", "mode", dict(init="sparsegpt", compensate="obs")),
     ("2:4, --init wanda, changing masks (the chosen 2:4 mode)", "mode", dict(init="wanda")),
 ]
 PHASES = ("lr", "select", "nm", "distill", "grid", "lr24", "lr50", "init24")

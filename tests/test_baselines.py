@@ -219,10 +219,15 @@ def test_quality_quick_runs_every_phase_and_resumes(gpt2_dir, corpus_dir, tmp_pa
     n_nm, n_distill = len(quality.NM_CANDIDATES), len(quality.DISTILL_CANDIDATES)
     n_lr24 = 2 * len(set(quality.LRS_24) - {data["choices"]["lr"]})
     n_lr50 = 3 * len(set(quality.LRS_24) - {data["choices"]["lr"]})  # the default, Wanda + FT, PLATON
-    assert len(rows) == 3 + 4 + n_nm + n_distill + 36 + n_lr24 + n_lr50 and len({r["key"] for r in rows}) == len(rows)
-    assert set(data["choices"]) == {"lr", "default", "nm", "distill"}
-    # candidates, 2 baselines, 2 seeds; distillation's candidates, 2 baselines, the dense teacher's row; lr24
-    assert sum(1 for r in rows if r.get("sparsity_pattern") == "2:4") == n_nm + 2 + 2 + n_distill + 2 + 1 + n_lr24
+    n_init = len(quality.INIT_CANDIDATES)  # issue 36's one-shot starts (AGIP's own SparseGPT, Wanda)
+    assert len(rows) == 3 + 4 + n_nm + n_distill + 36 + n_lr24 + n_lr50 + n_init
+    assert len({r["key"] for r in rows}) == len(rows)
+    assert set(data["choices"]) == {"lr", "default", "nm", "distill", "init24"}
+    # candidates, 2 baselines, 2 seeds; distillation's candidates, 2 baselines, the dense teacher's row; lr24; init24
+    assert sum(1 for r in rows if r.get("sparsity_pattern") == "2:4" or r.get("init")) == \
+        n_nm + 2 + 2 + n_distill + 2 + 1 + n_lr24 + n_init
+    init24 = [r for r in rows if r["phase"] == "init24"]
+    assert {r["init"] for r in init24} == {"sparsegpt", "wanda"} and all(r["ppl_pruned"] for r in init24)
     lr24 = [r for r in rows if r["phase"] == "lr24"]
     assert len(lr24) == n_lr24 and {r["lr"] for r in lr24} <= set(quality.LRS_24)
     assert {r["label"] for r in lr24} == ({"Wanda + FT, 2:4", f"AGIP 2:4 ({data['choices']['nm']['label']})"}
