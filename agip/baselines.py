@@ -34,19 +34,10 @@ def magnitude_masks(opt, ratio: float, pattern: str = "unstructured") -> dict:
     named = list(_prunable(opt))
     if not named:
         raise ValueError("no prunable parameters (param groups with prune=True)")
-    if nm_of(pattern, ratio) is not None:
+    if nm.nm_of(pattern, ratio) is not None:
         dims = {s.name: s.input_dim for _, s in opt._flat.prunable_slots()}
-        return {name: nm_keep(p.detach().float().abs(), dims[name], *nm_of(pattern, ratio)) for name, p in named}
+        return {name: nm_keep(p.detach().float().abs(), dims[name], *nm.nm_of(pattern, ratio)) for name, p in named}
     return _global_masks([(name, p.detach().float().abs()) for name, p in named], ratio)
-
-
-def nm_of(pattern: str, ratio: float):
-    """(N, M) of an N:M ``pattern`` whose ratio the target matches, None for 'unstructured'."""
-    n_m = nm.parse(pattern)
-    if n_m is not None and abs(ratio - n_m[0] / n_m[1]) > 1e-9:
-        raise ValueError(f"a one-shot {pattern} mask prunes {n_m[0]}/{n_m[1]} of the weights: pass "
-                         f"--target-sparsity {n_m[0] / n_m[1]:g} (got {ratio:g})")
-    return n_m
 
 
 def nm_keep(score: torch.Tensor, input_dim: int, n: int, m: int) -> torch.Tensor:
@@ -165,7 +156,7 @@ def wanda_masks(model, opt, ratio: float, calibration, pattern: str = "unstructu
     list of token tensors). Works for nn.Linear (out, in) and GPT-2's Conv1D (in, out).
     With an N:M ``pattern`` (Wanda's own N:M variant; ``ratio`` must be N/M): the N of
     smallest score in every M consecutive inputs of a row."""
-    n_m = nm_of(pattern, ratio)
+    n_m = nm.nm_of(pattern, ratio)
     names = {p: n for n, p in _prunable(opt)}
     norms = input_norms(model, opt, calibration)
     transposed = {}
@@ -234,7 +225,7 @@ def sparsegpt_masks(model, opt, ratio: float, calibration, pattern: str = "unstr
     tied ``lm_head``) is left out by naming only the prunable layers as targets. Returns
     the masks (True = non-zero) of the weights as SparseGPT left them. With an N:M ``pattern``
     (``ratio`` must be N/M) it is llmcompressor's ``mask_structure="N:M"``."""
-    structure = "0:0" if nm_of(pattern, ratio) is None else pattern
+    structure = "0:0" if nm.nm_of(pattern, ratio) is None else pattern
     try:
         from datasets import Dataset
         from llmcompressor import oneshot

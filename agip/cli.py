@@ -80,7 +80,10 @@ def _add_finetune(sub):
                    help="slow the sparsity ramp while the loss oscillates (default: the preset's)")
     p.add_argument("--no-stability", dest="stability", action="store_false", help="ramp sparsity regardless of the loss")
     p.add_argument("--backend", default=d.backend, choices=("auto",) + BACKENDS)
-    p.add_argument("--fp32", dest="bf16", action="store_false", help="no bf16 autocast")
+    p.add_argument("--fp32", dest="bf16", action="store_false", help="no autocast (fp32 forward and backward)")
+    p.add_argument("--amp", default=d.amp, choices=("auto", "bf16", "fp16"),
+                   help="the autocast dtype: 'auto' is bf16, except fp16 with a gradient scaler on a CUDA GPU "
+                        "without bf16 units (a T4), where bf16 would run emulated")
     p.add_argument("--bf16-matmul", default=d.bf16_matmul, choices=("auto", "native", "emulated"),
                    help="bf16 autocast's matrix products: 'auto' emulates them in fp32 (bf16-rounded operands and "
                         "results) on a CPU without bf16 units, where native ones take minutes a step")

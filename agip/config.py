@@ -40,7 +40,7 @@ class Preset:
 PRESETS = {
     "thesis": Preset(dict(saliency="taylor", fisher_power=0.5, fisher_moment="current", schedule="exp",
                           prune_interval=1, ta_gamma=1.0, stability=True), harness_lr=5e-5),
-    "default": Preset(dict(saliency="fisher", fisher_power=0.25, fisher_moment="current", schedule="cubic",
+    "default": Preset(dict(saliency="fisher", fisher_power=0.25, fisher_moment="previous", schedule="cubic",
                            prune_interval=1, ta_gamma=0.0, stability=False), harness_lr=1e-4),
 }
 
@@ -79,7 +79,7 @@ class Config:
     stability_window: int = 50
     saliency: str = "fisher"
     fisher_power: float = 0.25
-    fisher_moment: str = "current"
+    fisher_moment: str = "previous"
     preset: str = "default"
     sparsity_pattern: str = "unstructured"
     nm_mode: str = "fixed"

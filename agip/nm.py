@@ -178,3 +178,12 @@ def to_semi_structured(model) -> int:
             module.weight = nn.Parameter(sparse, requires_grad=False)
             done += 1
     return done
+
+
+def nm_of(pattern: str, ratio: float):
+    """(N, M) of an N:M ``pattern`` whose ratio the target matches, None for 'unstructured'."""
+    n_m = parse(pattern)
+    if n_m is not None and abs(ratio - n_m[0] / n_m[1]) > 1e-9:
+        raise ValueError(f"a one-shot {pattern} mask prunes {n_m[0]}/{n_m[1]} of the weights: pass "
+                         f"--target-sparsity {n_m[0] / n_m[1]:g} (got {ratio:g})")
+    return n_m

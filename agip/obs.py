@@ -234,7 +234,7 @@ def sparsegpt(model, opt, ratio: float, calibration, pattern: str = "unstructure
     (a list of token tensors). The weights are changed in place; returns the masks (name ->
     bool, True = kept). Prunable layers outside the blocks are pruned last, from one forward
     of the whole model."""
-    from .baselines import nm_of
+    from .nm import nm_of
 
     n_m = nm_of(pattern, ratio)
     if not calibration:

@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 MODES = ("auto", "native", "emulated")
+AMPS = ("auto", "bf16", "fp16")  # the autocast dtype: auto = bf16, fp16 on a CUDA GPU without bf16 units
 # the products autocast runs in bf16 on CPU that a transformer calls (attention is left
 # native: its bf16 kernel is fast without a bf16 unit, it converts to fp32 inside)
 PRODUCTS = frozenset({F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm,
@@ -39,6 +40,26 @@ def native_bf16_matmul(device: torch.device) -> bool:
     if device.type != "cpu":
         return True
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cuda_bf16(device: torch.device) -> bool:
+    """Whether the CUDA device has bf16 units (sm_80 and newer). A T4 (sm_75) has none: torch
+    then runs bf16 by emulation, correct but slow, so ``amp_dtype("auto")`` takes fp16 there."""
+    del device  # torch answers for the current CUDA device, the one each process trains on
+    return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype for ``amp`` (one of ``AMPS``) on ``device``: ``"auto"`` is bf16, except
+    fp16 on a CUDA GPU without bf16 units, where training then needs a gradient scaler (the
+    harness uses ``torch.amp.GradScaler``). ``"fp16"`` is also offered on the CPU (where torch's
+    autocast takes it), mainly so that path can be tested without a GPU."""
+    if amp not in AMPS:
+        raise ValueError(f"--amp must be one of {AMPS}, got {amp!r}")
+    device = torch.device(device)
+    if amp == "fp16" or (amp == "auto" and device.type == "cuda" and not cuda_bf16(device)):
+        return torch.float16
+    return torch.bfloat16
 
 
 def cpu_name() -> str:
@@ -90,11 +111,12 @@ class EmulatedBF16Products(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def autocast(device: torch.device, enabled: bool = True, matmul: str = "auto"):
-    """``torch.autocast(device, bf16)``, with the matrix products emulated (``EmulatedBF16Products``)
-    when ``matmul`` resolves to ``"emulated"`` (``resolve``). Disabled: nothing changes."""
+def autocast(device: torch.device, enabled: bool = True, matmul: str = "auto", dtype: torch.dtype = torch.bfloat16):
+    """``torch.autocast(device, dtype)``; in bf16 with the matrix products emulated
+    (``EmulatedBF16Products``) when ``matmul`` resolves to ``"emulated"`` (``resolve``).
+    Disabled: nothing changes."""
     device = torch.device(device)
-    mode = resolve(matmul, device) if enabled else "native"
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled):
+    mode = resolve(matmul, device) if enabled and dtype == torch.bfloat16 else "native"
+    with torch.autocast(device.type, dtype=dtype, enabled=enabled):
         with EmulatedBF16Products() if mode == "emulated" else contextlib.nullcontext():
             yield

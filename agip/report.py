@@ -112,7 +112,9 @@ def markdown(report: dict) -> str:
         f"({report['tokens_per_s']:.0f} tokens/s), optimizer backend `{report['backend']}`",
         f"- settings: lr {c['lr']}, target sparsity {c['target_sparsity']}, schedule {c['schedule']}, "
         f"TA γ {c['ta_gamma']} (β {c['ta_beta']}, C {c['ta_clip']}), regrowth {c['regrow_fraction']}, "
-        f"batch {c['batch_size']}×{c['block_size']} tokens × {c['grad_accum']} accumulation, bf16 autocast {c['bf16']}"
+        f"batch {c['batch_size']}×{c['block_size']} tokens × {c['grad_accum']} accumulation, "
+        f"autocast {report.get('autocast') or 'off (fp32)'}"
+        f"{' with a gradient scaler (no bf16 units on this GPU, or --amp fp16)' if report.get('autocast') == 'fp16' else ''}"
         f"{' (products emulated in fp32: a CPU without bf16 units)' if report.get('bf16_products') == 'emulated' else ''}, "
         f"seed {c['seed']}",
         *([f"- export: `{report['export']['path']}` (agip-sparse, {report['export']['dtype']}): "

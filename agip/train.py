@@ -61,7 +61,8 @@ class FinetuneConfig:
     ta_loss_floor: float = 0.0
     stability: Optional[bool] = None
     backend: str = "auto"
-    bf16: bool = True  # autocast forward/backward in bf16; parameters and optimizer stay fp32
+    bf16: bool = True  # autocast forward/backward (bf16, or fp16 per amp); parameters and optimizer stay fp32
+    amp: str = "auto"  # autocast dtype: "auto" = bf16, fp16 + a gradient scaler on a CUDA GPU without bf16 units
     bf16_matmul: str = "auto"  # "auto": emulate bf16 products on a CPU without bf16 units (agip/precision.py)
     seed: int = 0
     eval_split: str = "test"
@@ -106,7 +107,7 @@ class FinetuneConfig:
              f"--sparsity-pattern {self.sparsity_pattern}: --method {self.method} prunes unstructured only (N:M: "
              f"{', '.join(n for n, c in methods.METHODS.items() if c.takes_nm)})")
         if self.sparsity_pattern != "unstructured" and self.method != "agip":
-            from .baselines import nm_of
+            from .nm import nm_of
 
             nm_of(self.sparsity_pattern, self.target_sparsity)  # a one-shot N:M mask prunes exactly N/M
         need(self.compensate == "none" or self.method == "agip", f"--compensate is for --method agip, not "
@@ -126,6 +127,9 @@ class FinetuneConfig:
              f"--backend must be 'auto' or one of {backends.BACKENDS}, got {self.backend!r}")
         need(self.bf16_matmul in precision.MODES, f"--bf16-matmul must be one of {precision.MODES}, got "
              f"{self.bf16_matmul!r}")
+        need(self.amp in precision.AMPS, f"--amp must be one of {precision.AMPS}, got {self.amp!r}")
+        need(not (self.fsdp and self.amp == "fp16"), "--amp fp16 needs a gradient scaler, which FSDP2's sharded "
+             "gradients do not take here: run FSDP2 in bf16 (a GPU with bf16 units) or with --fp32")
         need(self.export_dtype in ("fp32", "bf16", "fp16"), f"--export-dtype must be fp32, bf16 or fp16, got "
              f"{self.export_dtype!r}")
         need(all(w >= 0 for w in (self.distill_ce, self.distill_kl, self.distill_hidden)) and
@@ -349,7 +353,10 @@ def build_report(cfg: FinetuneConfig, run: RunState, final: dict, after: dict, t
         "tokens_per_s": tokens_per_step * len(run.history) / max(run.train_seconds, 1e-9),
         "train_tokens": tokens_per_step * cfg.steps, "backend": backend, "history": run.history, "checkpoint": ckpt,
         "peak_memory_bytes": peak_memory(),
-        "bf16_products": precision.resolve(cfg.bf16_matmul, device) if cfg.bf16 else None,
+        "autocast": {torch.bfloat16: "bf16", torch.float16: "fp16"}[precision.amp_dtype(cfg.amp, device)]
+        if cfg.bf16 else None,
+        "bf16_products": precision.resolve(cfg.bf16_matmul, device)
+        if cfg.bf16 and precision.amp_dtype(cfg.amp, device) == torch.bfloat16 else None,
         # distilled: CE and KL in one pass over the logits (True), or the model's own CE beside the KL
         "distill_ce_shared": loss_fn.fuses if loss_fn is not None else None,
     }
@@ -428,7 +435,10 @@ def finetune(cfg: FinetuneConfig, cache: Optional[EvalCache] = None) -> dict:
         elif method.before_training(model, opt, batches.calibration):  # then the mask stays fixed
             run.ppl_pruned = ev(cfg.dataset, cfg.eval_split, "ppl pruned")
 
-        # 4. the training loop
+        # 4. the training loop (fp16 autocast, on a GPU without bf16 units, scales the loss so
+        # small gradients do not flush to 0; the scaler skips a step whose gradients overflowed)
+        half = precision.amp_dtype(cfg.amp, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.bf16 and half == torch.float16)
         model.train()
         tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size * world
         bar = tqdm(range(run.step, cfg.steps), desc=f"fine-tune ({cfg.method}{f', {world} processes' if world > 1 else ''})",
@@ -437,12 +447,13 @@ def finetune(cfg: FinetuneConfig, cache: Optional[EvalCache] = None) -> dict:
             t0 = time.perf_counter()
             for micro in range(cfg.grad_accum):
                 x = batches(step, micro)
-                with precision.autocast(device, cfg.bf16, cfg.bf16_matmul):  # emulated products if no bf16 unit
+                with precision.autocast(device, cfg.bf16, cfg.bf16_matmul, half):  # emulated products if no bf16 unit
                     loss = loss_fn(train_model, x) if loss_fn else train_model(x, labels=x).loss
-                (loss / cfg.grad_accum).backward()
+                scaler.scale(loss / cfg.grad_accum).backward()
                 opt.record_loss(loss)  # E_t: the mean of the micro-batch losses, over ranks (§0, §6)
             lr = sched.get_last_lr()[0]
-            opt.step()
+            scaler.step(opt)  # opt.step() (unscaled gradients first, when scaling)
+            scaler.update()
             sched.step()
             method.after_step(step + 1, opt)  # before zero_grad: PLATON's score reads the step's gradient
             opt.zero_grad()

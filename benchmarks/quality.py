@@ -109,12 +109,15 @@ INIT_CANDIDATES = [
     # compensation (--compensate obs): the chosen mode's cut at the end of its ramp, or every cut
     # of fixed groups on the same ramp, moves the kept weights of the row by OBS
     ("2:4, the chosen 2:4 mode, compensated cut", "mode", dict(compensate="obs")),
+    ("2:4, --init wanda, changing masks (the chosen 2:4 mode)", "mode", dict(init="wanda")),
+    ("2:4, --init sparsegpt, changing masks, compensated cut", "mode", dict(init="sparsegpt", compensate="obs")),
     ("2:4, fixed groups on the chosen mode's ramp and score, compensated", "mode",
      dict(nm_mode="fixed", compensate="obs")),
-    ("2:4, --init sparsegpt, changing masks, compensated cut", "mode", dict(init="sparsegpt", compensate="obs")),
-    ("2:4, --init wanda, changing masks (the chosen 2:4 mode)", "mode", dict(init="wanda")),
 ]
 PHASES = ("lr", "select", "nm", "distill", "grid", "lr24", "lr50", "init24")
+# the Fisher score's moment of every AGIP row that does not name one: v_t, as the default was
+# when the study ran (issue 37 made v_(t-1) the product's default; the study measured both)
+STUDY_MOMENT = "current"
 DENSE_TEACHER = "dense-ft"  # a row's teacher: the study's dense fine-tuned model (one dense run, kept)
 
 
@@ -150,6 +153,10 @@ class Study:
         out = os.path.join(self.args.out, "runs", name)
         config = {**overrides, "teacher": self.dense_teacher(lr)} if overrides.get("teacher") == DENSE_TEACHER \
             else overrides
+        if method == "agip":
+            # the recorded rows scored by v_t, the default's moment when they ran (the product
+            # default is v_(t-1) since issue 37): a row keeps meaning what it measured
+            config = {"fisher_moment": STUDY_MOMENT, **config}
         cfg = FinetuneConfig(**{**self.common, "method": method, "target_sparsity": target, "seed": seed, "lr": lr,
                                 "out": out, **config})
         t0 = time.time()

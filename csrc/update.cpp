@@ -17,15 +17,21 @@ void with_bools(F&& f, bool first, Rest... rest) {
   else bind(std::false_type{});
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define AGIP_ONE_LOOP_AHEAD 1
-// v^(Q/4) of 16 lanes, correctly rounded square roots only (agip::fisher_factor); sq = sqrt(v)
-template <int Q>
-inline __m512 fisher_factor16(__m512 v, __m512 sq) {
-  if constexpr (Q <= 0) return _mm512_set1_ps(1.f);
-  else if constexpr (Q == 1) return _mm512_sqrt_ps(sq);
+// v^(Q/4) of a vector of lanes, correctly rounded square roots only (agip::fisher_factor), from
+// v and sq = sqrt(v); one and vsqrt are the vector type's 1 and square root
+template <int Q, typename V, typename Sqrt>
+inline V fisher_factor_lanes(V v, V sq, V one, Sqrt vsqrt) {
+  if constexpr (Q <= 0) return one;
+  else if constexpr (Q == 1) return vsqrt(sq);
   else if constexpr (Q == 2) return sq;
   else return v;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define AGIP_ONE_LOOP_AHEAD 1
+template <int Q>
+inline __m512 fisher_factor16(__m512 v, __m512 sq) {
+  return fisher_factor_lanes<Q>(v, sq, _mm512_set1_ps(1.f), [](__m512 x) { return _mm512_sqrt_ps(x); });
 }
 
 // A Fisher score (Q = 1: |w| v^(1/4), Q = 2: |w| v^(1/2)) against a bound B without square roots
@@ -175,6 +181,97 @@ int64_t update_tile_ahead(float* __restrict__ w, const float* __restrict__ g, fl
   above += na;
   return n;
 }
+#elif defined(__AVX2__) && !defined(__AVX512F__)  // (COMPRESS_LANES: agip_cpu.h)
+#define AGIP_ONE_LOOP_AHEAD_AVX2 1
+template <int Q>
+inline __m256 fisher_factor8(__m256 v, __m256 sq) {
+  return fisher_factor_lanes<Q>(v, sq, _mm256_set1_ps(1.f), [](__m256 x) { return _mm256_sqrt_ps(x); });
+}
+
+inline __m256 abs8(__m256 x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x); }
+
+// the bytes 0/1 of an 8-bit mask, for the mask store (2 KiB)
+constexpr std::array<uint64_t, 256> mask_bytes() {
+  std::array<uint64_t, 256> t{};
+  for (int k = 0; k < 256; ++k)
+    for (int l = 0; l < 8; ++l) t[k] |= static_cast<uint64_t>(k >> l & 1) << (8 * l);
+  return t;
+}
+alignas(64) constexpr auto MASK_BYTES = mask_bytes();
+
+// update_tile_ahead for AVX2 (8 lanes; no bounds: on an AVX2 Zen 3 deciding the mask without
+// square roots was slower, docs/performance.md): the same operations in the same order as the
+// scalar code, so the same bits. The tail (< 8 entries) runs the same vector code on a copy
+// padded with zeros; only its valid lanes are written back and counted.
+template <int Q>
+int64_t update_tile_ahead8(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m,
+                           float* __restrict__ v, uint8_t* __restrict__ mask, int64_t t0, int64_t t1, const UpdateArgs& a,
+                           uint32_t lo, uint32_t hi, uint32_t* __restrict__ keys, int64_t& below, int64_t& above) {
+  const __m256 decay = _mm256_set1_ps(a.decay), lw = _mm256_set1_ps(a.lerp_weight),
+               omlw = _mm256_set1_ps(1.0f - a.lerp_weight), beta2 = _mm256_set1_ps(a.beta2),
+               omb2 = _mm256_set1_ps(a.one_minus_beta2), step = _mm256_set1_ps(a.step_size),
+               bc2 = _mm256_set1_ps(a.bc2_sqrt), eps = _mm256_set1_ps(a.eps), clip = _mm256_set1_ps(a.clip),
+               nls = _mm256_set1_ps(a.neg_lr_s), theta = _mm256_set1_ps(a.theta), sb2 = _mm256_set1_ps(a.score_beta2),
+               somb2 = _mm256_set1_ps(a.score_omb2);
+  // bins are 16-bit: signed compares order them as unsigned ones would
+  const __m256i vlo = _mm256_set1_epi32(static_cast<int32_t>(lo)), vhi = _mm256_set1_epi32(static_cast<int32_t>(hi));
+  const bool small = a.lerp_weight < 0.5f;  // lerp's two branches, as torch (agip::adamw)
+  int64_t n = 0, nb = 0, na = 0;
+  auto vector = [&](float* wp, const float* gp, float* mp, float* vp, uint8_t* mkp, int valid) {
+    const __m256 w0 = _mm256_loadu_ps(wp), gi = _mm256_loadu_ps(gp), m0 = _mm256_loadu_ps(mp), v0 = _mm256_loadu_ps(vp);
+    const __m256 act = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mkp))));
+    const __m256 ghat = _mm256_mul_ps(_mm256_mul_ps(gi, act), clip);
+    // AdamW and the terminal attractor (agip::adamw)
+    __m256 wi = _mm256_mul_ps(w0, decay);
+    const __m256 d = _mm256_sub_ps(ghat, m0);
+    const __m256 mi = small ? _mm256_add_ps(m0, _mm256_mul_ps(lw, d)) : _mm256_sub_ps(ghat, _mm256_mul_ps(d, omlw));
+    const __m256 vi = _mm256_add_ps(_mm256_mul_ps(v0, beta2), _mm256_mul_ps(_mm256_mul_ps(omb2, ghat), ghat));
+    const __m256 sq = _mm256_sqrt_ps(vi);
+    const __m256 denom = _mm256_add_ps(_mm256_div_ps(sq, bc2), eps);
+    wi = _mm256_add_ps(wi, _mm256_mul_ps(step, _mm256_div_ps(mi, denom)));
+    wi = _mm256_add_ps(wi, _mm256_mul_ps(nls, ghat));
+    // this step's score of v_(t-1) and M' = (S > theta) (agip::score of agip::second_moment, no regrowth)
+    const __m256 vs = _mm256_add_ps(_mm256_mul_ps(v0, sb2), _mm256_mul_ps(_mm256_mul_ps(somb2, ghat), ghat));
+    const __m256 s = _mm256_mul_ps(abs8(w0), fisher_factor8<Q>(vs, _mm256_sqrt_ps(vs)));
+    const __m256 keep = _mm256_cmp_ps(s, theta, _CMP_GT_OQ);
+    const int kept = _mm256_movemask_ps(keep) & valid;
+    const __m256 ws = _mm256_and_ps(keep, wi), vst = _mm256_and_ps(keep, vi);
+    _mm256_storeu_ps(wp, ws);
+    _mm256_storeu_ps(mp, _mm256_and_ps(keep, mi));
+    _mm256_storeu_ps(vp, vst);
+    std::memcpy(mkp, &MASK_BYTES[kept], 8);
+    // the next step's score of the kept entries, from what was stored (sqrt(v) is AdamW's own)
+    const __m256i key = _mm256_castps_si256(_mm256_mul_ps(abs8(ws), fisher_factor8<Q>(vst, sq)));
+    const __m256i bin = _mm256_srli_epi32(key, 16);
+    const int lt = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(vlo, bin))) & kept;
+    const int gt = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(bin, vhi))) & kept;
+    const int in = kept & ~(lt | gt);
+    nb += __builtin_popcount(lt);
+    na += __builtin_popcount(gt);
+    const __m256i lanes = _mm256_load_si256(reinterpret_cast<const __m256i*>(COMPRESS_LANES[in].data()));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + n), _mm256_permutevar8x32_epi32(key, lanes));
+    n += __builtin_popcount(in);
+  };
+  int64_t i = t0;
+  for (; i + 8 <= t1; i += 8) vector(w + i, g + i, m + i, v + i, mask + i, 0xFF);
+  if (const int64_t left = t1 - i) {
+    alignas(32) float tw[8] = {}, tg[8] = {}, tm[8] = {}, tv[8] = {};
+    uint8_t tk[8] = {};
+    std::memcpy(tw, w + i, left * sizeof(float));
+    std::memcpy(tg, g + i, left * sizeof(float));
+    std::memcpy(tm, m + i, left * sizeof(float));
+    std::memcpy(tv, v + i, left * sizeof(float));
+    std::memcpy(tk, mask + i, left);
+    vector(tw, tg, tm, tv, tk, (1 << left) - 1);
+    std::memcpy(w + i, tw, left * sizeof(float));
+    std::memcpy(m + i, tm, left * sizeof(float));
+    std::memcpy(v + i, tv, left * sizeof(float));
+    std::memcpy(mask + i, tk, left);
+  }
+  below += nb;
+  above += na;
+  return n;
+}
 #endif
 
 // Pass C over [lo, hi). AHEAD (the Fisher score, no EMA): then, one tile at a time while it
@@ -226,6 +323,19 @@ void update_range(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m,
                 : update_tile_ahead<SCORE, false>(w, g, m, v, mask, t0, t1, a, win->lo, win->hi, keys, ahead->below,
                                                  ahead->above, bt, bw, pw, ps);
         ahead->add_packed(*win, keys, n);
+      }
+      return;
+    }
+  }
+#elif defined(AGIP_ONE_LOOP_AHEAD_AVX2)
+  // the same on AVX2: the whole tile in one 8-lane loop
+  constexpr bool ONE_LOOP = AHEAD && PRUNE_STEP && !SCORE_VT && !HAS_EMA && std::is_same_v<T, float>;
+  if constexpr (ONE_LOOP) {
+    if (regrow_theta == inf) {
+      for (int64_t t0 = lo; t0 < hi; t0 += TILE) {
+        const int64_t t1 = std::min(hi, t0 + TILE);
+        ahead->add_packed(*win, keys, update_tile_ahead8<SCORE>(w, g, m, v, mask, t0, t1, a, win->lo, win->hi, keys,
+                                                               ahead->below, ahead->above));
       }
       return;
     }

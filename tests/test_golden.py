@@ -29,8 +29,9 @@ GOLDEN = os.path.join(os.path.dirname(__file__), "golden.json")
 STEPS = 12
 RUNS = {
     "taylor": dict(saliency="taylor", regrow_fraction=0.1),
-    "fisher": dict(saliency="fisher", fisher_power=0.25, regrow_fraction=0.1),
-    "2:4": dict(saliency="fisher", fisher_power=0.25, sparsity_pattern="2:4"),
+    # the score of v_t, the default's when these were recorded (the default is v_(t-1) since issue 37)
+    "fisher": dict(saliency="fisher", fisher_power=0.25, fisher_moment="current", regrow_fraction=0.1),
+    "2:4": dict(saliency="fisher", fisher_power=0.25, fisher_moment="current", sparsity_pattern="2:4"),
 }
 
 

@@ -3,6 +3,8 @@
 Native bf16 products are slow on a CPU without bf16 units but correct, so at these small
 sizes they are the reference: the emulation must give the same dtypes and the same values
 up to the order of fp32 sums (a rounding flip of one bf16 step in a few entries)."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -96,3 +98,54 @@ def test_the_mode_around_torch_autocast_is_the_harness_autocast():
     with precision.autocast("cpu", True, "emulated"):
         b = F.linear(x, w)
     assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+
+
+def test_a_cuda_gpu_without_bf16_units_trains_in_fp16(monkeypatch):
+    """A T4 (sm_75) has no bf16 units: torch would run bf16 emulated, slowly. Faked here:
+    ``auto`` takes fp16 there and bf16 on a GPU that has them; the CPU keeps bf16."""
+    asked = []
+
+    def fake(including_emulation=True, units=False):
+        asked.append(including_emulation)
+        return units or including_emulation  # a T4: bf16 "supported" only by emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", fake)
+    assert precision.amp_dtype("auto", "cuda") == torch.float16 and asked == [False]
+    assert precision.amp_dtype("bf16", "cuda") == torch.bfloat16  # asked for: kept
+    assert precision.amp_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100
+    assert precision.amp_dtype("auto", "cuda") == torch.bfloat16
+    with pytest.raises(ValueError, match="--amp must be one of"):
+        precision.amp_dtype("fp8", "cuda")
+    with pytest.raises(ValueError, match="--amp must be one of"):
+        FinetuneConfig(amp="fp8").check()
+    with pytest.raises(ValueError, match="gradient scaler"):
+        FinetuneConfig(amp="fp16", fsdp=True).check()
+
+
+def test_fp16_autocast_trains_with_a_gradient_scaler(gpt2_dir, corpus_dir, tmp_path, monkeypatch):
+    """The fp16 path of the harness (what a T4 runs), on the CPU: fp16 autocast, the loss
+    scaled by torch.amp.GradScaler, AGIP stepping on unscaled gradients; reported as fp16."""
+    pytest.importorskip("transformers")
+    from agip.train import finetune
+
+    scaled = []
+    real_scale = torch.amp.GradScaler.scale
+
+    def spy(self, outputs):
+        out = real_scale(self, outputs)
+        scaled.append(float(out.detach()) / float(outputs.detach()))
+        return out
+
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", spy)
+    cfg = FinetuneConfig(model=gpt2_dir, dataset=corpus_dir, out=str(tmp_path / "run"), steps=4, batch_size=2,
+                         block_size=32, lr=1e-3, target_sparsity=0.5, eval_seq_len=64, eval_max_tokens=None,
+                         progress=False, amp="fp16")
+    report = finetune(cfg)
+    assert report["autocast"] == "fp16" and report["bf16_products"] is None
+    assert len(scaled) == 4 and all(s > 1 for s in scaled)  # the loss was scaled (65536 at first)
+    assert report["sparsity_prunable"] == pytest.approx(0.5, abs=1e-4)
+    assert all(math.isfinite(h["loss"]) for h in report["history"]) and math.isfinite(report["ppl_after"]["ppl"])
+    assert "with a gradient scaler" in (tmp_path / "run" / "report.md").read_text()
+    bf16 = finetune(FinetuneConfig(**{**cfg.__dict__, "out": str(tmp_path / "bf16"), "amp": "auto"}))
+    assert bf16["autocast"] == "bf16" and scaled[4:] == [1.0] * 4  # bf16 needs no scaler: the loss is not scaled
