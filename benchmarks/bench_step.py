@@ -41,7 +41,10 @@ from agip import backends
 # miss (then pass B reads 9-13 B more; the rows count band hits and window misses)
 BYTES = {"step": (32, 2), "prune-taylor": (32, 7), "prune-fisher": (32, 16), "prune-fisher-exp": (32, 16),
          "prune-fisher-prev": (32, 2), "prune-fisher-prev-exp": (32, 2), "prune-fisher-prev-pass-a": (32, 11),
-         "prune-first": (32, 29)}
+         "prune-first": (32, 29),
+         # 2:4: the fused update as on a non-pruning step; the N:M selection's own PyTorch pass
+         # (a sort per group of 4) is not in the model, so their GB/s are a floor
+         "prune-24": (32, 2), "prune-24-decay": (32, 2)}
 # kind -> (prune_interval, saliency, fisher_moment, schedule, scores ahead)
 KINDS = {
     "step": (10**9, "fisher", "current", "cubic", True),
@@ -54,7 +57,13 @@ KINDS = {
     "prune-fisher-prev-exp": (1, "fisher", "previous", "exp", True),
     "prune-fisher-prev-pass-a": (1, "fisher", "previous", "cubic", False),
     "prune-first": (1, "fisher", "current", "cubic", True),
+    # 2:4 (the default score, v_(t-1)): fixed groups, and the decay mode (masks may change) of the
+    # chosen 2:4 mode (decay 0.2)
+    "prune-24": (1, "fisher", "previous", "cubic", True),
+    "prune-24-decay": (1, "fisher", "previous", "cubic", True),
 }
+PATTERNS = {"prune-24": dict(sparsity_pattern="2:4"), "prune-24-decay": dict(sparsity_pattern="2:4", nm_mode="decay",
+                                                                              nm_decay=0.2)}
 # the cubic rows' ramp length (the ramp of the first published figures, --reps 9) and the
 # warm-up calls before timing: a run makes warm-up + reps + 1 calls, all before the ramp's end
 CUBIC_STEPS, WARMUP = 24, 2
@@ -72,7 +81,8 @@ def shapes_for(millions: float):
     prunable = [s for _ in range(layers) for s in LAYER_SHAPES]
     if layers * PER_LAYER > total:  # small sizes: shrink the layer widths instead
         f = (total * 0.79 / (layers * PER_LAYER)) ** 0.5
-        prunable = [(max(1, int(a * f)), max(1, int(b * f))) for a, b in prunable]
+        # (multiples of 4, so the 2:4 rows' groups fit)
+        prunable = [(max(4, int(a * f) // 4 * 4), max(4, int(b * f) // 4 * 4)) for a, b in prunable]
     rest = max(HIDDEN, total - sum(a * b for a, b in prunable))
     vocab = max(1, (rest - (2 * layers + 1) * HIDDEN) // HIDDEN)
     other = [(vocab, HIDDEN)] + [(HIDDEN,)] * (2 * layers + 1)
@@ -125,6 +135,8 @@ def main(argv=None):
                     help="length of the cubic ramp of the non-exp pruning rows (default 24: the ramp of the "
                          "first published figures, --reps 9); shorter is steeper (theta moves further a step)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_step-<device>.json)")
+    ap.add_argument("--obs", action="store_true",
+                    help="also time compensate='obs' (the OBS sweep and the input hooks of one SmolLM2 layer, CPU)")
     ap.add_argument("--kinds", nargs="+", choices=sorted(KINDS), default=list(KINDS),
                     help="which AGIP steps to time (each holds a model-sized state: fewer kinds, less memory)")
     args = ap.parse_args(argv)
@@ -132,13 +144,13 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda, but torch sees no CUDA device; use --device cpu")
     sizes = args.sizes or ([10, 50, 135] if device.type == "cuda" else [1, 10])
-    names = args.backends or [b for b in backends.available() if runs_on(b, device)]
     if args.reps < 1 or args.warmup < 0:
         sys.exit("--reps must be >= 1 and --warmup >= 0")
     if args.warmup + args.reps + 1 >= args.cubic_steps:
         # the ramp must still climb at the last call, or the last pruning steps prune nothing new
         sys.exit(f"--cubic-steps {args.cubic_steps} ends before the last of the {args.warmup + args.reps + 1} calls: "
                  f"pass --cubic-steps > warmup + reps + 1 or fewer --reps")
+    names = args.backends or [b for b in backends.available() if runs_on(b, device)]  # (builds the C++ backend)
 
     rows = []
     for size in sizes:
@@ -169,7 +181,7 @@ def main(argv=None):
                 opt = agip.AGIP(groups, target_sparsity=0.5, schedule=shape,
                                 total_steps=args.cubic_steps if shape == "cubic" else 100, warmup_steps=0,
                                 prune_interval=interval, saliency=saliency, fisher_moment=moment, ta_gamma=0.0,
-                                stability=False, backend=name)
+                                stability=False, backend=name, **PATTERNS.get(kind, {}))
                 opt._score_ahead = opt._score_ahead and ahead
                 opts[(name, kind)] = opt
                 if kind == "prune-first":  # as a first pruning step: no previous theta, full histogram
@@ -210,14 +222,59 @@ def main(argv=None):
         hits = f"{r['band_hits']} / {r['window_misses']} / {r['ahead_hits']}" if "band_hits" in r else "-"
         print(f"{r['size_m']:>7}M {r['backend']:<24} {r['step']:<25} {r['median_ms']:>10.2f} {gb:>13} "
               f"{r['ratio_to_fused_adamw']:>14.2f} {hits:>20}")
+    compensation = obs_times() if args.obs else None
+    if compensation:
+        c = compensation
+        print(f"compensate='obs', one SmolLM2 layer (CPU): sweep of its 7 weights, every row 2:4-cut, "
+              f"{c['layer_sweep_ms']:.0f} ms ({c['model_sweep_s']:.1f} s for {c['layers']} layers, a pruning step's "
+              f"most); input hooks {c['hook_ms_per_batch_layer']:.1f} ms a batch of {c['tokens_per_batch']} tokens "
+              f"({c['hook_s_per_batch_model']:.2f} s for the model); H {c['h_bytes_layer'] / 1e6:.1f} MB a layer, "
+              f"{c['h_bytes_model'] / 1e6:.0f} MB in all")
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"bench_step-{device.type}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"device": device_name(device), "torch": torch.__version__, "reps": args.reps, "warmup": args.warmup,
                    "cubic_steps": args.cubic_steps,
-                   "bytes_per_param": BYTES, "rows": rows}, f, indent=2)
+                   "bytes_per_param": BYTES, "rows": rows, "obs": compensation}, f, indent=2)
     print(f"wrote {out}")
     return rows
+
+
+def obs_times(reps: int = 3, tokens: int = 1024) -> dict:
+    """``compensate="obs"`` (docs/algorithm.md §2.6) on one SmolLM2-135M layer, CPU, medians:
+    the OBS sweep of each of its 7 weights with a 2:4 cut of every row (the most one pruning
+    step can ask), from H of random inputs; and the forward hooks' cost per training batch of
+    ``tokens`` tokens (H += xᵀx for each of the layer's 4 distinct inputs: q/k/v share one, as
+    do gate/up). A model's figures are a layer's times LAYERS; H's memory is exact."""
+    from agip import obs
+
+    g = torch.Generator().manual_seed(0)
+    sweeps, hooks = [], []
+    for out_f, in_f in LAYER_SHAPES:
+        x = torch.randn(tokens, in_f, generator=g)
+        h = x.t() @ x
+        w = torch.randn(out_f, in_f, generator=g) * 0.02
+        small = w.abs().view(out_f, -1, 4).topk(2, dim=-1, largest=False).indices
+        prune = torch.zeros(out_f, in_f // 4, 4, dtype=torch.bool).scatter_(-1, small, True).view(out_f, in_f)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            obs.sweep(w, h, prune=prune)
+            times.append(time.perf_counter() - t0)
+        sweeps.append(dict(shape=[out_f, in_f], median_ms=1e3 * statistics.median(times)))
+    for in_f in (HIDDEN, HIDDEN, HIDDEN, INTER):  # attention input, o_proj's, the MLP's, down_proj's
+        x, h = torch.randn(tokens, in_f, generator=g), torch.zeros(in_f, in_f)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            h.addmm_(x.t(), x)
+            times.append(time.perf_counter() - t0)
+        hooks.append(1e3 * statistics.median(times))
+    layer_ms = sum(s["median_ms"] for s in sweeps)
+    h_bytes = 4 * (3 * HIDDEN**2 + INTER**2)
+    return dict(sweeps=sweeps, layer_sweep_ms=layer_ms, model_sweep_s=layer_ms * LAYERS / 1e3,
+                hook_ms_per_batch_layer=sum(hooks), hook_s_per_batch_model=sum(hooks) * LAYERS / 1e3,
+                tokens_per_batch=tokens, h_bytes_layer=h_bytes, h_bytes_model=h_bytes * LAYERS, layers=LAYERS)
 
 
 def runs_on(name, device):

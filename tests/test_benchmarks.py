@@ -14,7 +14,7 @@ def test_bench_step_writes_table_and_json(tmp_path):
     out = tmp_path / "step.json"
     res = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "bench_step.py"), "--device", "cpu",
-         "--sizes", "0.2", "--reps", "2", "--warmup", "1", "--backends", "reference", "--out", str(out)],
+         "--sizes", "0.2", "--reps", "2", "--warmup", "1", "--backends", "reference", "--obs", "--out", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert res.returncode == 0, res.stderr
@@ -23,10 +23,13 @@ def test_bench_step_writes_table_and_json(tmp_path):
     kinds = {(r["backend"], r["step"]) for r in data["rows"]}
     assert kinds == {("torch-fused-adamw+clip", "step")} | {("reference", k) for k in (
         "step", "prune-taylor", "prune-fisher", "prune-fisher-exp", "prune-fisher-prev", "prune-fisher-prev-exp",
-        "prune-fisher-prev-pass-a", "prune-first")}
+        "prune-fisher-prev-pass-a", "prune-first", "prune-24", "prune-24-decay")}
     assert all(r["median_ms"] > 0 for r in data["rows"])
     assert data["device"]
     assert data["cubic_steps"] == 24  # the ramp's length is fixed, not 2 x calls
+    obs = data["obs"]  # compensate='obs': one layer's sweeps and hooks, H's memory
+    assert len(obs["sweeps"]) == 7 and all(s["median_ms"] > 0 for s in obs["sweeps"])
+    assert obs["h_bytes_layer"] == 4 * (3 * 576**2 + 1536**2) and "compensate='obs'" in res.stdout
 
 
 def test_bench_step_refuses_a_ramp_that_ends_before_the_last_call(tmp_path):

@@ -5,6 +5,8 @@ import ast
 import dataclasses
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -115,14 +117,45 @@ def test_the_cpp_cache_tag_follows_the_cpu(monkeypatch, tmp_path):
     assert backends.cache_dir("reference").endswith(os.path.basename(here).split("-cpu")[0].replace("cpp", "reference"))
 
 
+def test_a_cpu_build_target_has_a_cache_folder_of_its_own(monkeypatch, tmp_path):
+    """AGIP_CPU_TARGET=avx2 builds the code an AVX2 CPU runs, on any x86-64 machine that has
+    AVX2, beside the native build (not over it); a target the CPU lacks, or an unknown one, fails."""
+    from agip import backends
+
+    monkeypatch.setenv("AGIP_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("AGIP_CPU_TARGET", raising=False)
+    native = backends.cache_dir("cpp")
+    assert backends.cpu_march() == "native"
+    monkeypatch.setenv("AGIP_CPU_TARGET", "avx2")
+    assert backends.cpu_march() == "x86-64-v3"
+    if "#define __AVX2__ 1" in backends.native_target("x86-64-v3"):  # a compiler that knows the level
+        assert backends.cache_dir("cpp") != native
+    monkeypatch.setenv("AGIP_CPU_TARGET", "sse2")
+    with pytest.raises(ValueError, match="AGIP_CPU_TARGET must be one of"):
+        backends.cache_dir("cpp")
+
+
+@pytest.mark.slow
+def test_the_avx2_build_gives_the_native_builds_masks(tmp_path):
+    """The scores-ahead tests (masks and thresholds bit-identical to the reference backend) on
+    the AVX2 build, whatever this CPU's own level."""
+    from agip import backends
+
+    if "#define __AVX2__ 1" not in backends.native_target("native"):
+        pytest.skip("this CPU has no AVX2")
+    env = {**os.environ, "AGIP_CPU_TARGET": "avx2", "AGIP_CACHE_DIR": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_scores_ahead.py",
+                          "tests/test_cpp_backend.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert any(p.startswith("cpp-") for p in os.listdir(tmp_path))
+
+
 @pytest.mark.integration
 def test_a_second_checkout_runs_its_own_kernels(tmp_path):
     # an editable install maps agip.csrc and agip.kernels to its own checkout; a copy of the
     # sources (a git worktree of another commit) imported from its root must compile and run
     # its own C++ sources and Triton kernels, not the installed checkout's
     import shutil
-    import subprocess
-    import sys
 
     other = tmp_path / "checkout"
     for name in ("agip", "csrc", "kernels"):

@@ -31,7 +31,7 @@ import importlib
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -200,17 +200,38 @@ def regrow_counts(n_pruned: int, regrow_fraction: float):
     return n_g, n_pruned - n_g
 
 
+# the C++ backend's build targets ($AGIP_CPU_TARGET): this CPU's own instructions, or the
+# x86-64 levels of AVX2 (+ FMA, BMI2) and of AVX-512 (F, BW, VL, DQ, CD), so that an AVX-512
+# machine can build and time the code an AVX2 laptop runs
+CPU_TARGETS = {"native": "native", "avx2": "x86-64-v3", "avx512": "x86-64-v4"}
+
+
+def cpu_march() -> str:
+    """The ``-march`` of the C++ backend: ``$AGIP_CPU_TARGET`` (one of ``CPU_TARGETS``;
+    default ``native``)."""
+    import os
+
+    target = os.environ.get("AGIP_CPU_TARGET") or "native"
+    if target not in CPU_TARGETS:
+        raise ValueError(f"AGIP_CPU_TARGET must be one of {tuple(CPU_TARGETS)}, got {target!r}")
+    return CPU_TARGETS[target]
+
+
+def native_target(march: Optional[str] = None) -> str:
+    """What ``-march=<march>`` (default :func:`cpu_march`) resolves to on this machine: the C++
+    compiler's predefined macros under it (the instruction sets it enables), or the CPU's model
+    and flags from ``/proc/cpuinfo`` where no compiler answers."""
+    return _target_macros(march or cpu_march())
+
+
 @functools.lru_cache(maxsize=None)
-def native_target() -> str:
-    """What ``-march=native`` resolves to on this machine: the C++ compiler's predefined
-    macros under it (the instruction sets it enables), or the CPU's model and flags from
-    ``/proc/cpuinfo`` where no compiler answers."""
+def _target_macros(march: str) -> str:
     import os
     import subprocess
 
     cxx = os.environ.get("CXX", "c++")
     try:
-        out = subprocess.run([cxx, "-march=native", "-dM", "-E", "-x", "c++", os.devnull], capture_output=True,
+        out = subprocess.run([cxx, f"-march={march}", "-dM", "-E", "-x", "c++", os.devnull], capture_output=True,
                              text=True, timeout=60, check=True).stdout
         return "\n".join(sorted(out.splitlines()))
     except (OSError, subprocess.SubprocessError):

@@ -3,6 +3,8 @@ driven by :class:`agip.backends.fused.FusedDriver`.
 
 Built on first use with ``torch.utils.cpp_extension.load`` and ninja into a cache folder
 (``$AGIP_CACHE_DIR`` or ``~/.cache/agip``), rebuilt when the source or the flags change;
+``AGIP_CPU_TARGET=avx2`` (or ``avx512``) builds for that x86-64 level instead of this CPU's own
+instructions, in a folder of its own, so one machine can time the code another CPU runs;
 ``python -m agip.backends.cpp`` builds it ahead of time. If the build fails, importing
 this module raises ImportError naming the cause, and ``backend="auto"`` falls back to
 ``reference`` with one warning.
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import cache_dir, load_extension
+from . import CPU_TARGETS, cache_dir, cpu_march, load_extension, native_target
 from .fused import FusedDriver, Kernels
 
 # -mprefer-vector-width=512: where -march=native has AVX-512, GCC otherwise picks 256-bit
@@ -19,7 +21,7 @@ from .fused import FusedDriver, Kernels
 # step's update 183 -> 161 ms at 134.5M; same IEEE operations per lane, so the same bits).
 # -fno-trapping-math lets GCC vectorize the score loops (it may then evaluate FP ops speculatively;
 # results and rounding are unchanged, and no code here reads FP exception flags)
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
+FLAGS = ["-O3", f"-march={cpu_march()}", "-mtune=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
          "-fno-trapping-math", "-std=c++17"]
 
 
@@ -28,8 +30,21 @@ SOURCES = ["agip_cpu.cpp", "stats.cpp", "refine.cpp", "update.cpp"]
 HEADERS = ["agip_cpu.h", "agip_math.h"]
 
 
+# what each build target needs of this CPU (a build it cannot run would die of an illegal instruction)
+NEEDS = {"x86-64-v3": ("__AVX2__", "__FMA__"), "x86-64-v4": ("__AVX512F__", "__AVX512BW__", "__AVX512VL__")}
+
+
 def build(verbose: bool = False):
-    """Compile (or load the cached build of) the extension and return the module."""
+    """Compile (or load the cached build of) the extension and return the module. The target is
+    ``$AGIP_CPU_TARGET`` (``native``, ``avx2``, ``avx512``; agip.backends.CPU_TARGETS), each
+    built in a cache folder of its own."""
+    march = cpu_march()
+    here = native_target("native")
+    missing = [m for m in NEEDS.get(march, ()) if f"#define {m} 1" not in here]
+    if missing:
+        target = next(k for k, v in CPU_TARGETS.items() if v == march)
+        raise ImportError(f"AGIP_CPU_TARGET={target} needs {', '.join(missing)}, which this CPU lacks: unset it (or "
+                          "take 'native')")
     return load_extension("cpp", "agip_cpu", SOURCES, headers=HEADERS, hint="; it needs a C++ compiler and ninja "
                           "(pip install ninja)", extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], verbose=verbose)
 
