@@ -168,3 +168,18 @@ def test_a_second_checkout_runs_its_own_kernels(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.split()
     assert len(lines) == 4 and all(line.startswith(str(other)) for line in lines), lines
+
+
+def test_a_killed_builds_lock_is_cleared_only_when_stale(tmp_path):
+    """torch's cpp_extension leaves ``lock`` behind when a build is killed; the next import
+    would wait on it forever. A fresh lock (a build running now) is left alone."""
+    from agip import backends
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    assert not backends.clear_stale_lock(str(tmp_path)) and lock.exists()
+    old = os.path.getmtime(lock) - backends.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match="build lock"):
+        assert backends.clear_stale_lock(str(tmp_path))
+    assert not lock.exists() and not backends.clear_stale_lock(str(tmp_path))

@@ -279,6 +279,27 @@ def source_dir(name: str):
                             f"{checkout / name}: the install is incomplete; reinstall agip (pip install agip)")
 
 
+STALE_LOCK_S = 1800  # a build takes minutes; a lock this old belongs to a build that was killed
+
+
+def clear_stale_lock(build_dir: str, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove torch's build lock in ``build_dir`` if it is older than ``max_age_s``: a build
+    killed mid-way leaves it, and every later import would wait on it forever. Says so once."""
+    import os
+    import time
+
+    lock = os.path.join(build_dir, "lock")
+    try:
+        age = time.time() - os.path.getmtime(lock)
+    except OSError:
+        return False
+    if age < max_age_s:
+        return False
+    os.remove(lock)
+    warnings.warn(f"removed a build lock {age / 60:.0f} minutes old in {build_dir} (a build killed mid-way left it)")
+    return True
+
+
 def load_extension(kind: str, name: str, sources, headers=(), hint: str = "", **flags):
     """Compile ``csrc`` sources into an extension (or load the cached build) with
     ``torch.utils.cpp_extension.load`` and ninja, in :func:`cache_dir` ``(kind)``; rebuilt
@@ -290,9 +311,11 @@ def load_extension(kind: str, name: str, sources, headers=(), hint: str = "", **
     if headers:  # torch hashes the sources and flags to decide a rebuild: the headers go into a flag
         digest = hashlib.sha256(b"".join(src.joinpath(h).read_bytes() for h in headers)).hexdigest()[:16]
         flags["extra_cflags"] = [*flags.get("extra_cflags", []), f"-DAGIP_HEADERS_SHA={digest}"]
+    build_dir = cache_dir(kind)
+    clear_stale_lock(build_dir)
     try:
         return cpp_extension.load(name=name, sources=[str(src.joinpath(f)) for f in sources],
-                                  build_directory=cache_dir(kind), **flags)
+                                  build_directory=build_dir, **flags)
     except Exception as e:  # no compiler, no ninja, headers missing...
         msg = str(e).strip().splitlines()
         raise ImportError(f"could not build the {kind} backend ({type(e).__name__}: {msg[-1] if msg else e}){hint}") from e
