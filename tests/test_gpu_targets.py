@@ -75,8 +75,9 @@ def test_every_variant_compiles_for_every_target(tmp_path):
 
 
 @pytest.fixture
-def gpu_targets(monkeypatch):
-    """The module, imported in this process with TRITON_INTERPRET kept as the suite sets it."""
+def gpu_targets():
+    """The module, imported in this process with TRITON_INTERPRET kept as the suite sets it
+    (its import removes it; put back by hand: monkeypatch would undo the putting back)."""
     saved = os.environ.get("TRITON_INTERPRET")
     spec = importlib.util.spec_from_file_location("gpu_targets", SCRIPT)
     module = importlib.util.module_from_spec(spec)
@@ -86,7 +87,7 @@ def gpu_targets(monkeypatch):
     finally:
         sys.path.remove(os.path.dirname(SCRIPT))
         if saved is not None:
-            monkeypatch.setenv("TRITON_INTERPRET", saved)
+            os.environ["TRITON_INTERPRET"] = saved
     return module
 
 
