@@ -42,10 +42,10 @@ def native_bf16_matmul(device: torch.device) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def cuda_bf16(device: torch.device) -> bool:
-    """Whether the CUDA device has bf16 units (sm_80 and newer). A T4 (sm_75) has none: torch
-    then runs bf16 by emulation, correct but slow, so ``amp_dtype("auto")`` takes fp16 there."""
-    del device  # torch answers for the current CUDA device, the one each process trains on
+def cuda_bf16() -> bool:
+    """Whether the current CUDA device (the one each process trains on) has bf16 units (sm_80
+    and newer). A T4 (sm_75) has none: torch then runs bf16 by emulation, correct but slow, so
+    ``amp_dtype("auto")`` takes fp16 there."""
     return bool(torch.cuda.is_bf16_supported(including_emulation=False))
 
 
@@ -57,7 +57,7 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype:
     if amp not in AMPS:
         raise ValueError(f"--amp must be one of {AMPS}, got {amp!r}")
     device = torch.device(device)
-    if amp == "fp16" or (amp == "auto" and device.type == "cuda" and not cuda_bf16(device)):
+    if amp == "fp16" or (amp == "auto" and device.type == "cuda" and not cuda_bf16()):
         return torch.float16
     return torch.bfloat16
 

@@ -339,6 +339,7 @@ def build_report(cfg: FinetuneConfig, run: RunState, final: dict, after: dict, t
                  ckpt: str, device: torch.device, loss_fn=None) -> dict:
     """The run's report (``report.json``; agip/report.py draws and writes it); ``loss_fn``:
     the run's :class:`agip.distill.DistillLoss`, if it distilled."""
+    half = precision.amp_dtype(cfg.amp, device) if cfg.bf16 else None  # the autocast dtype the loop took
     return {
         "config": dataclasses.asdict(cfg),
         "model": cfg.model, "dataset": cfg.dataset, "eval_split": cfg.eval_split,
@@ -353,10 +354,8 @@ def build_report(cfg: FinetuneConfig, run: RunState, final: dict, after: dict, t
         "tokens_per_s": tokens_per_step * len(run.history) / max(run.train_seconds, 1e-9),
         "train_tokens": tokens_per_step * cfg.steps, "backend": backend, "history": run.history, "checkpoint": ckpt,
         "peak_memory_bytes": peak_memory(),
-        "autocast": {torch.bfloat16: "bf16", torch.float16: "fp16"}[precision.amp_dtype(cfg.amp, device)]
-        if cfg.bf16 else None,
-        "bf16_products": precision.resolve(cfg.bf16_matmul, device)
-        if cfg.bf16 and precision.amp_dtype(cfg.amp, device) == torch.bfloat16 else None,
+        "autocast": {torch.bfloat16: "bf16", torch.float16: "fp16", None: None}[half],
+        "bf16_products": precision.resolve(cfg.bf16_matmul, device) if half == torch.bfloat16 else None,
         # distilled: CE and KL in one pass over the logits (True), or the model's own CE beside the KL
         "distill_ce_shared": loss_fn.fuses if loss_fn is not None else None,
     }

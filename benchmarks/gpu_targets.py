@@ -128,41 +128,36 @@ def launcher_inputs(dtype):
     hist = torch.zeros(1 << 16, dtype=torch.int32)
     for saliency, regrow, q, with_ema in itertools.product((False, True), (False, True), SCORES, (False, True)):
         yield "stats", (g, w, v, mask, ema if with_ema else None, n, saliency, regrow, q, 1.0, 0.999, 0.001,
-                        0.0, 1.0, 0, 65535, hist, hist)
+                        0.0, 1.0, 0, 65535, hist, hist), {}
     for saliency, q, with_ema in itertools.product((False, True), SCORES, (False, True)):
         yield "refine", (g, w, v, mask, ema if with_ema else None, n, 0, saliency, q, 1.0, 0.999, 0.001, 0.0, 1.0,
-                         hist)
+                         hist), {}
     for prunable, prune_step, q, with_ema, ahead in itertools.product((False, True), (False, True), SCORES,
                                                                       (False, True), (False, True)):
         args = UpdateArgs(decay=1.0, lerp_weight=0.1, beta2=0.999, one_minus_beta2=0.001, step_size=-1e-4,
                           bc2_sqrt=0.1, eps=1e-8, clip=1.0, neg_lr_s=0.0, theta=0.0, regrow_theta=math.inf,
                           ema_keep=0.0, ema_new=1.0, score_beta2=0.999, score_omb2=0.001, prunable=prunable,
                           prune_step=prune_step, fisher_q=q)
-        yield "update", ((w, g, m, v, mask, ema if with_ema else None, 0, n, args),
-                         (hist, 0, 65535, None, None, None) if ahead else None)
+        yield "update", (w, g, m, v, mask, ema if with_ema else None, 0, n, args), \
+            dict(ahead=(hist, 0, 65535, None, None, None) if ahead else None)
 
 
 def enumerate_variants(dtypes=DTYPES):
     """Every distinct launch of every kernel, and the kernels that none reached (an error)."""
     modules = kernel_modules()
-    kernels = {(m.__name__, k): fn for m in modules for k, fn in kernels_of(m).items()}
-    launches = []
     saved = [(m, k, fn) for m in modules for k, fn in kernels_of(m).items()]
-    launchers = {}
-    for m in modules:
-        for name, obj in vars(m).items():
-            if inspect.isfunction(obj) and obj.__module__ == m.__name__:
-                launchers[name] = obj
+    launchers = {name: obj for m in modules for name, obj in vars(m).items()
+                 if inspect.isfunction(obj) and obj.__module__ == m.__name__}
+    launches = []
     try:
         for m, k, fn in saved:
             setattr(m, k, Recorder(fn, launches))
         for dtype in dtypes:
-            for launcher, inputs in launcher_inputs(dtype):
+            for launcher, args, kwargs in launcher_inputs(dtype):
                 if launcher not in launchers:
                     raise LookupError(f"no launcher {launcher!r} in kernels/: update launcher_inputs()")
-                args, ahead = (inputs, None) if launcher != "update" else inputs
                 try:
-                    launchers[launcher](*args) if launcher != "update" else launchers[launcher](*args, ahead=ahead)
+                    launchers[launcher](*args, **kwargs)
                 except ValueError:
                     continue  # the launcher refuses it, so the driver cannot launch it
     finally:
@@ -170,7 +165,7 @@ def enumerate_variants(dtypes=DTYPES):
             setattr(m, k, fn)
     unique = {json.dumps(v, sort_keys=True): v for v in launches}
     reached = {(v["module"], v["kernel"]) for v in unique.values()}
-    return list(unique.values()), sorted(f"{m}.{k}" for m, k in kernels if (m, k) not in reached)
+    return list(unique.values()), sorted(f"{m.__name__}.{k}" for m, k, _ in saved if (m.__name__, k) not in reached)
 
 
 def cover(variants):
